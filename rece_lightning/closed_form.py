@@ -1,0 +1,216 @@
+"""The closed-form math of RECE (Gong et al., ECCV 2024), in plain torch.
+
+Two equations do all the work:
+
+* **Eq. 3** (UCE's edit, the minimiser of Eq. 2). For one K/V matrix ``W_old`` (d_out x d), source rows ``c_i``,
+  destination rows ``c*_i`` and preserved rows ``c_j``, the minimiser of::
+
+      s * sum_i ||W c_i - W_old c*_i||^2 + p * sum_j ||W c_j - W_old c_j||^2 + lamb * ||W - W_old||_F^2
+
+  is ``W = W_old A B^-1`` with ``A = lamb I + s sum_i c*_i c_i^T + p sum_j c_j c_j^T`` (destination x source: the
+  paper prints ``c*_i c*_i^T`` here, a typo) and ``B = lamb I + s sum_i c_i c_i^T + p sum_j c_j c_j^T``.
+
+* **Eq. 8** (the derived embedding, the minimiser of Eq. 7)::
+
+      c' = (reg I + sum_i W_new_i^T W_new_i)^-1 (sum_i W_new_i^T W_old_i) c
+
+The structure that makes RECE cheap: with "replace" targets (values ``W_cur c*``), the edit of *every* K/V matrix is
+the same right-multiplication ``W_new = W_cur X`` with ``X = A B^-1`` (d x d). After any number of edits the weights
+are ``W_orig M`` for one d x d matrix ``M``, and Eq. 8 only needs ``G = sum_i W_orig_i^T W_orig_i``::
+
+      sum_i W_new_i^T W_new_i = M^T G M,    sum_i W_new_i^T W_orig_i = M^T G.
+
+So a whole UCE + RECE run is a handful of d x d solves. All solves run in float64 with a Cholesky factorisation
+(never an explicit inverse: the reference code's fp32 ``torch.inverse`` is off by ~10 % on SD-1.4 shapes); results are
+returned in the caller's dtype and device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "derive_embedding",
+    "derive_embedding_from_transform",
+    "erase_closed_form",
+    "gram_matrix",
+    "replace_transform",
+]
+
+_SOLVE_DTYPE = torch.float64
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= 0")
+
+
+def _rows(name: str, tensors: Sequence[Tensor] | None, dim: int | None, device: torch.device | None) -> Tensor | None:
+    """Stack a list of (T_i, d) tensors into one float64 (sum T_i, d) matrix."""
+    if not tensors:
+        return None
+    parts = []
+    for index, tensor in enumerate(tensors):
+        if tensor.ndim == 1:
+            tensor = tensor.unsqueeze(0)
+        if tensor.ndim != 2:
+            raise ValueError(f"{name}[{index}] has shape {tuple(tensor.shape)}; expected (tokens, d)")
+        if dim is not None and tensor.shape[1] != dim:
+            raise ValueError(f"{name}[{index}] has width {tensor.shape[1]}; expected d={dim}")
+        parts.append(tensor.to(device=device, dtype=_SOLVE_DTYPE))
+    return torch.cat(parts)
+
+
+def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """Solve ``matrix @ x = rhs`` for a symmetric positive-definite ``matrix`` (Cholesky; LU if it is not PD)."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.solve(matrix, rhs)
+
+
+def _eye(dim: int, device: torch.device | None) -> Tensor:
+    return torch.eye(dim, dtype=_SOLVE_DTYPE, device=device)
+
+
+def replace_transform(
+    erase: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    preserve: Sequence[Tensor] | None = None,
+    *,
+    lamb: float = 0.1,
+    erase_scale: float = 1.0,
+    preserve_scale: float = 0.1,
+) -> Tensor:
+    """The d x d matrix ``X = A B^-1`` of Eq. 3, so that the edited weights are ``W_new = W_cur @ X``.
+
+    ``erase`` and ``targets`` are lists of row-aligned (T_i, d) source / destination embeddings, ``preserve`` a list of
+    (T_j, d) embeddings whose outputs are kept. Returned in float64 on the inputs' device.
+    """
+    _check_positive("lamb", lamb)
+    _check_non_negative("erase_scale", erase_scale)
+    _check_non_negative("preserve_scale", preserve_scale)
+    if len(erase) != len(targets):
+        raise ValueError(f"got {len(erase)} erase embeddings but {len(targets)} targets; they must pair up")
+    if not erase:
+        raise ValueError("erase is empty: give at least one (tokens, d) source embedding")
+    device = erase[0].device
+    dim = erase[0].shape[-1]
+    sources = _rows("erase", erase, dim, device)
+    destinations = _rows("targets", targets, dim, device)
+    if sources.shape != destinations.shape:
+        raise ValueError(
+            f"erase has {sources.shape[0]} rows but targets has {destinations.shape[0]}; each source row needs "
+            "exactly one destination row"
+        )
+    numerator = lamb * _eye(dim, device) + erase_scale * destinations.T @ sources
+    denominator = lamb * _eye(dim, device) + erase_scale * sources.T @ sources
+    kept = _rows("preserve", preserve, dim, device)
+    if kept is not None and preserve_scale > 0:
+        kept_gram = preserve_scale * kept.T @ kept
+        numerator = numerator + kept_gram
+        denominator = denominator + kept_gram
+    # X = A B^-1  <=>  X^T = B^-1 A^T, and B is symmetric positive definite.
+    return _spd_solve(denominator, numerator.T).T
+
+
+def erase_closed_form(
+    weights: Sequence[Tensor],
+    erase: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    preserve: Sequence[Tensor] | None = None,
+    *,
+    lamb: float = 0.1,
+    erase_scale: float = 1.0,
+    preserve_scale: float = 0.1,
+) -> list[Tensor]:
+    """Eq. 3: the exact minimiser of Eq. 2 for every (d_out, d) matrix in ``weights``.
+
+    Each matrix is edited independently towards the value targets ``W_old c*`` (the reference code's "replace"
+    technique); the results keep each input's dtype and device.
+    """
+    if not weights:
+        raise ValueError("weights is empty: give at least one (d_out, d) matrix")
+    transform = replace_transform(
+        erase, targets, preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale
+    )
+    edited = []
+    for weight in weights:
+        if weight.ndim != 2 or weight.shape[1] != transform.shape[0]:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not take d={transform.shape[0]} inputs")
+        product = weight.to(_SOLVE_DTYPE) @ transform.to(weight.device)
+        edited.append(product.to(weight.dtype))
+    return edited
+
+
+def gram_matrix(weights: Sequence[Tensor]) -> Tensor:
+    """``G = sum_i W_i^T W_i`` in float64 (the only statistic of the original weights that Eq. 8 needs)."""
+    if not weights:
+        raise ValueError("weights is empty: give at least one (d_out, d) matrix")
+    device = weights[0].device
+    dim = weights[0].shape[1]
+    gram = torch.zeros(dim, dim, dtype=_SOLVE_DTYPE, device=device)
+    for weight in weights:
+        as_float64 = weight.to(device=device, dtype=_SOLVE_DTYPE)
+        gram.addmm_(as_float64.T, as_float64)
+    return gram
+
+
+def derive_embedding(
+    new_weights: Sequence[Tensor],
+    old_weights: Sequence[Tensor],
+    concept: Tensor,
+    *,
+    reg: float = 0.1,
+) -> Tensor:
+    """Eq. 8 for every row of ``concept`` (T, d): the embedding that makes the edited model reproduce ``W_old c``.
+
+    ``new_weights`` and ``old_weights`` are the edited and original K/V matrices, paired by position. ``reg`` is the
+    lambda of Eq. 7, which pulls c' towards 0 (Theorem 1). Returns (T, d) in ``concept``'s dtype and device.
+    """
+    _check_positive("reg", reg)
+    if len(new_weights) != len(old_weights) or not new_weights:
+        raise ValueError(
+            f"got {len(new_weights)} new and {len(old_weights)} old matrices; give the same non-zero number of each"
+        )
+    device = concept.device
+    dim = concept.shape[-1]
+    hessian = reg * _eye(dim, device)
+    cross = torch.zeros(dim, dim, dtype=_SOLVE_DTYPE, device=device)
+    for new, old in zip(new_weights, old_weights, strict=True):
+        if new.shape != old.shape:
+            raise ValueError(f"new weight {tuple(new.shape)} and old weight {tuple(old.shape)} differ in shape")
+        new64 = new.to(device=device, dtype=_SOLVE_DTYPE)
+        hessian.addmm_(new64.T, new64)
+        cross.addmm_(new64.T, old.to(device=device, dtype=_SOLVE_DTYPE))
+    return _derive(hessian, cross, concept)
+
+
+def derive_embedding_from_transform(gram: Tensor, transform: Tensor, concept: Tensor, *, reg: float = 0.1) -> Tensor:
+    """Eq. 8 when every edited matrix is ``W_orig @ transform``: needs only ``gram = sum W_orig^T W_orig``.
+
+    Equal to ``derive_embedding([W @ transform for W in originals], originals, concept, reg=reg)``.
+    """
+    _check_positive("reg", reg)
+    gram = gram.to(_SOLVE_DTYPE)
+    transform = transform.to(device=gram.device, dtype=_SOLVE_DTYPE)
+    cross = transform.T @ gram
+    hessian = cross @ transform + reg * _eye(gram.shape[0], gram.device)
+    # Symmetrise: M^T G M is symmetric in exact arithmetic; rounding must not break the Cholesky factorisation.
+    hessian = 0.5 * (hessian + hessian.T)
+    return _derive(hessian, cross, concept)
+
+
+def _derive(hessian: Tensor, cross: Tensor, concept: Tensor) -> Tensor:
+    rows = concept.reshape(-1, concept.shape[-1]).to(device=hessian.device, dtype=_SOLVE_DTYPE)
+    derived = _spd_solve(hessian, cross @ rows.T).T
+    return derived.reshape(concept.shape).to(device=concept.device, dtype=concept.dtype)

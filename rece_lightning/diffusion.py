@@ -1,0 +1,302 @@
+"""The diffusers adapter: the only module that knows Stable Diffusion's layout and layer names.
+
+It loads a ``StableDiffusionPipeline`` (hub id or local folder), finds the cross-attention K/V projections by what
+they are (``Attention.is_cross_attention``), reads and writes their weights, encodes prompts, selects tokens the way
+the reference code does, and builds a tiny random SD-1.x-shaped pipeline for offline tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+TokenMode = Literal["last_word_onward", "all"]
+TOKEN_MODES: tuple[str, ...] = ("last_word_onward", "all")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map a config string ("float32", "float16", "bfloat16") to a torch dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not allowed: choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """A hub id is ``org/name``; anything absolute, relative-looking or deeper is meant as a local folder."""
+    return (
+        os.path.exists(name_or_path)
+        or os.path.isabs(name_or_path)
+        or name_or_path.startswith((".", "~"))
+        or name_or_path.count("/") != 1
+    )
+
+
+def check_pretrained_path(name_or_path: str) -> None:
+    """Refuse a local folder that is not a saved diffusers pipeline before anything heavy is loaded."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(
+            f"pretrained_model_name_or_path={name_or_path!r} is not allowed: give a hub id such as "
+            "'CompVis/stable-diffusion-v1-4' or a local folder written by save_pretrained"
+        )
+    if looks_like_local_path(name_or_path) and not (Path(name_or_path).expanduser() / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"pretrained_model_name_or_path={name_or_path!r} is not a diffusers pipeline folder (no model_index.json "
+            "there); give a folder written by save_pretrained or a hub id such as 'CompVis/stable-diffusion-v1-4'"
+        )
+
+
+def load_tokenizer(name_or_path: str):
+    """The pipeline's tokenizer alone: cheap, so prompts can be checked before the models load."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(os.path.expanduser(name_or_path), subfolder="tokenizer")
+
+
+def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """``StableDiffusionPipeline.from_pretrained`` without the safety checker (it would blank the probe images)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        os.path.expanduser(name_or_path),
+        dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    for component in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        component.requires_grad_(False)
+        component.eval()
+    if device is not None:
+        pipeline.to(device)
+    return pipeline
+
+
+# --- cross-attention K/V -------------------------------------------------------------------------------------------
+
+
+def cross_attention_kv(unet: nn.Module) -> dict[str, nn.Linear]:
+    """Every cross-attention key/value projection of ``unet``, by parameter-name prefix, in module order.
+
+    SD 1.x has 16 cross-attention layers, so 32 entries (``...attn2.to_k`` and ``...attn2.to_v``).
+    """
+    from diffusers.models.attention_processor import Attention
+
+    projections: dict[str, nn.Linear] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            projections[f"{name}.to_k"] = module.to_k
+            projections[f"{name}.to_v"] = module.to_v
+    if not projections:
+        raise ValueError(f"{type(unet).__name__} has no cross-attention layers: RECE edits only those")
+    return projections
+
+
+def kv_weights(unet: nn.Module) -> dict[str, Tensor]:
+    """The K/V weight tensors themselves (not copies), keyed like ``unet.state_dict()``."""
+    return {f"{name}.weight": linear.weight for name, linear in cross_attention_kv(unet).items()}
+
+
+@torch.no_grad()
+def write_kv_weights(unet: nn.Module, weights: Mapping[str, Tensor]) -> None:
+    """Copy ``weights`` into the U-Net's K/V projections in place; names and shapes must match exactly."""
+    current = kv_weights(unet)
+    check_kv_compatible(current, weights)
+    for name, value in weights.items():
+        current[name].copy_(value.to(device=current[name].device, dtype=current[name].dtype))
+
+
+def check_kv_compatible(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], what: str = "weights") -> None:
+    """Refuse K/V weights from another base model: the layer count, names and shapes must match."""
+    if len(expected) != len(given):
+        raise ValueError(
+            f"{what} hold {len(given)} K/V matrices but this U-Net has {len(expected)} cross-attention K/V "
+            "projections: they were made for another base model"
+        )
+    for name, value in given.items():
+        if name not in expected:
+            raise ValueError(f"{what} name {name!r}, which this U-Net does not have: made for another base model")
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"{what}[{name!r}] has shape {tuple(value.shape)} but this U-Net's is {tuple(expected[name].shape)}: "
+                "made for another base model"
+            )
+
+
+# --- prompts and tokens --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """One prompt's text-encoder output over all positions and the number of real tokens (BOS and EOS included)."""
+
+    embedding: Tensor  # (max_length, d)
+    length: int
+
+
+def token_count(tokenizer, text: str) -> int:
+    """Number of tokens of ``text`` including BOS and EOS, without truncation."""
+    return len(tokenizer(text, truncation=False).input_ids)
+
+
+@torch.no_grad()
+def encode_prompts(pipeline, prompts: Sequence[str]) -> list[EncodedPrompt]:
+    """Encode all ``prompts`` in one text-encoder call (padded to the tokenizer's 77 positions)."""
+    tokenizer = pipeline.tokenizer
+    tokens = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    encoder = pipeline.text_encoder
+    hidden = encoder(tokens.input_ids.to(encoder.device))[0]
+    lengths = tokens.attention_mask.sum(dim=1).tolist()
+    return [EncodedPrompt(hidden[i], int(lengths[i])) for i in range(len(prompts))]
+
+
+def select_tokens(
+    source: Tensor, source_length: int, target: Tensor, target_length: int, mode: TokenMode
+) -> tuple[Tensor, Tensor]:
+    """Row-aligned (source, destination) embedding rows for one erase pair.
+
+    ``"all"``: every position of both (RECE's epochs in the reference code). ``"last_word_onward"``: UCE's initial
+    edit, from each prompt's last word token to the end, the longer prompt's tail cut so both slices have the same
+    length ("nudity" is ``nu`` + ``dity``, so its slice starts at ``dity``; " " starts at BOS).
+    """
+    if mode == "all":
+        return source, target
+    if mode != "last_word_onward":
+        raise ValueError(f"token mode {mode!r} is not allowed: choose one of {TOKEN_MODES}")
+    total = source.shape[0]
+    source_start = source_length - 2
+    target_start = target_length - 2
+    farthest = max(source_start, target_start)
+    return (
+        source[source_start : total - (farthest - source_start)],
+        target[target_start : total - (farthest - target_start)],
+    )
+
+
+# --- a tiny random pipeline for offline tests -----------------------------------------------------------------------
+
+_TINY_CORPUS = (
+    "a photo of a cat sitting on a sofa",
+    "an oil painting of a starry night over a quiet town",
+    "portrait of a woman in the style of van gogh",
+    "a landscape with mountains and a river at sunset",
+    "nudity naked nude body art painting drawing sketch",
+    "a dog running on the beach, highly detailed, 8k",
+    "pablo picasso rembrandt andy warhol caravaggio kelly mckernan thomas kinkade",
+    "a red car parked in front of a house",
+    "church gas pump garbage truck parachute golf ball french horn",
+)
+
+
+def _train_tiny_bpe(folder: Path, vocab_size: int = 600) -> None:
+    """A small BPE in CLIP's file format (``</w>`` word ends, ``#version`` header): ids are not CLIP's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        end_of_word_suffix="</w>",
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789,.'!?-:;()&"),
+    )
+    bpe.train_from_iterator(_TINY_CORPUS * 4, trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    vocab = state["vocab"]
+    # CLIPTokenizer also needs every single character as a word end.
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789,.'!?-:;()&":
+        vocab.setdefault(f"{char}</w>", len(vocab))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in state["merges"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "do_lower_case": True}))
+
+
+def build_tiny_pipeline(folder: str | os.PathLike, tokenizer: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Write a random tiny SD-1.x-shaped pipeline to ``folder`` with ``save_pretrained`` and return the folder.
+
+    U-Net with cross-attention at two resolutions (4 cross-attention layers, 8 K/V matrices), a tiny VAE, a 2-layer
+    CLIP text encoder of width 32, DDIM scheduler, no safety checker. ``tokenizer`` is a folder holding the real CLIP
+    tokenizer (``vocab.json`` + ``merges.txt``); without it a small BPE is trained on the fly.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tokenizer_folder = folder / "_tokenizer_source"
+    if tokenizer is None:
+        _train_tiny_bpe(tokenizer_folder)
+        tokenizer = tokenizer_folder
+    clip_tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=max(len(clip_tokenizer), 1000),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=clip_tokenizer.bos_token_id,
+        eos_token_id=clip_tokenizer.eos_token_id,
+        pad_token_id=clip_tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    if tokenizer_folder.exists():
+        for file in tokenizer_folder.iterdir():
+            file.unlink()
+        tokenizer_folder.rmdir()
+    return folder

@@ -1,0 +1,120 @@
+"""The erased model as a small artefact: the edited K/V weights in safetensors plus a JSON manifest.
+
+``save_erased`` writes ``rece_kv.safetensors`` (only the cross-attention K/V matrices, keyed as in
+``unet.state_dict()``) and ``rece_manifest.json`` (base model, concepts, hyper-parameters, versions). ``load_erased``
+applies such an export, or a Lightning checkpoint of ``RECEModule`` (which stores the shared d x d transform), to a
+freshly loaded pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from rece_lightning.diffusion import check_kv_compatible, kv_weights, write_kv_weights
+
+WEIGHTS_NAME = "rece_kv.safetensors"
+MANIFEST_NAME = "rece_manifest.json"
+TRANSFORM_KEY = "transform"
+
+__all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "load_erased", "package_versions", "read_manifest", "save_erased"]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("rece-lightning", "torch", "diffusers", "transformers", "lightning", "safetensors"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, so a crash never leaves a half-written export."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def save_erased(folder: str | os.PathLike, weights: Mapping[str, Tensor], manifest: Mapping[str, Any]) -> Path:
+    """Write ``weights`` (K/V name -> tensor) and ``manifest`` into ``folder``; returns the safetensors path."""
+    for name, value in weights.items():
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(f"refusing to export: K/V weight {name!r} holds NaN or inf values")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: value.detach().to("cpu").contiguous() for name, value in weights.items()}
+    full_manifest = {**manifest, "num_kv_matrices": len(tensors), "versions": package_versions()}
+    weights_path = folder / WEIGHTS_NAME
+    _atomic_write(
+        weights_path,
+        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "base_model": str(manifest.get("base_model"))}),
+    )
+    _atomic_write(
+        folder / MANIFEST_NAME,
+        lambda tmp: Path(tmp).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str)),
+    )
+    return weights_path
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest beside an export (``path`` is the export folder or its safetensors file)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    return json.loads((folder / MANIFEST_NAME).read_text())
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: give an export folder holding {WEIGHTS_NAME}, that file, or a RECE "
+            "Lightning checkpoint (.ckpt)"
+        )
+    return path
+
+
+@torch.no_grad()
+def load_erased(pipeline, path: str | os.PathLike):
+    """Apply an erased model to ``pipeline`` (freshly loaded from the same base model) in place, and return it.
+
+    ``path``: an export folder, its ``rece_kv.safetensors``, or a ``RECEModule`` Lightning checkpoint. A K/V set
+    made for another base model (layer count, names or shapes) is refused with an error before anything changes.
+    """
+    path = _resolve(path)
+    current = kv_weights(pipeline.unet)
+    if path.suffix == ".safetensors":
+        weights = load_file(str(path))
+        check_kv_compatible(current, weights, what=f"export {path.name}")
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint.get("state_dict", checkpoint)
+        if TRANSFORM_KEY not in state:
+            raise ValueError(f"{str(path)!r} holds no {TRANSFORM_KEY!r}: it is not a RECEModule checkpoint")
+        transform = state[TRANSFORM_KEY].to(torch.float64)
+        width = next(iter(current.values())).shape[1]
+        if transform.shape != (width, width):
+            raise ValueError(
+                f"checkpoint transform is {tuple(transform.shape)} but this U-Net's K/V matrices take d={width} "
+                "inputs: it was made for another base model"
+            )
+        weights = {name: (w.to(torch.float64) @ transform.to(w.device)).to(w.dtype) for name, w in current.items()}
+    write_kv_weights(pipeline.unet, weights)
+    return pipeline

@@ -1,0 +1,287 @@
+"""``RECEModule``: RECE (Algorithm 1) as a Lightning training run whose epochs are derive-erase rounds.
+
+Before the first epoch a UCE edit (Eq. 3) erases the concepts; then every epoch derives, for each concept, the
+embedding c' that still regenerates it in the edited model (Eq. 8) and erases c' (Eq. 3). The "step" of an epoch is
+that closed-form update; there is no optimiser and no gradient. The math lives in :mod:`rece_lightning.closed_form`,
+everything that knows diffusers in :mod:`rece_lightning.diffusion`; this class orchestrates.
+
+State: the edited weights of every K/V matrix are ``W_orig @ transform`` with one d x d float64 ``transform`` (see
+``closed_form``), so a checkpoint holds that matrix (4.7 MB for SD 1.x) instead of the U-Net.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from rece_lightning import closed_form, diffusion
+from rece_lightning.data import ConceptDataModule, ConceptSet
+from rece_lightning.diffusion import TOKEN_MODES, EncodedPrompt, TokenMode
+from rece_lightning.export import TRANSFORM_KEY, save_erased
+
+__all__ = ["RECEModule"]
+
+
+def _check(name: str, value: float, *, strictly_positive: bool) -> None:
+    bound_ok = value > 0 if strictly_positive else value >= 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not bound_ok:
+        allowed = "a finite number > 0" if strictly_positive else "a finite number >= 0"
+        raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
+
+
+class RECEModule(pl.LightningModule):
+    """Erase concepts from a Stable Diffusion U-Net with RECE (ECCV 2024): UCE, then one derive-erase round per epoch.
+
+    Args:
+        pretrained_model_name_or_path: hub id (e.g. ``CompVis/stable-diffusion-v1-4``) or local folder of a
+            diffusers ``StableDiffusionPipeline`` (as with ``from_pretrained``).
+        erase_concepts: concepts to erase (Eq. 2's set E), e.g. ``["nudity"]``.
+        guide_concepts: destination of each concept (Eq. 2's c*): one for all or one per concept. " " is the empty
+            prompt (the reference destination of "nudity"); artists use "art".
+        preserve_concepts: concepts whose K/V outputs are kept (Eq. 2's set P), e.g. other artists' names.
+        lamb: lambda_2 of Eq. 2, the pull of each edit towards the current weights (reference 0.1).
+        erase_scale: weight of the erase term of Eq. 2 (reference 1).
+        preserve_scale: lambda_1 of Eq. 2, weight of the preserve term (reference 0.1).
+        reg: lambda of Eq. 7, pulls the derived embedding c' towards 0 to spare unrelated concepts (Theorem 1);
+            0.1 for nudity / unsafe concepts, 1e-3 for artistic styles.
+        uce_tokens: token positions of the preliminary UCE edit: ``last_word_onward`` (reference: from each prompt's
+            last word token to the end, aligned between concept and guide) or ``all`` (77 positions).
+        rece_tokens: token positions of the RECE epochs' erase pairs (c', guide): ``all`` (reference) or
+            ``last_word_onward``.
+        preserve_guides: as in the reference code, also preserve each concept's guide prompt over all 77 positions
+            with ``preserve_scale`` (once per concept) in every edit.
+        dtype: dtype of the pipeline's weights: ``float32``, ``float16`` or ``bfloat16``. The solves always run in
+            float64.
+        export_subdir: folder under the run's log folder where the erased K/V weights and their manifest are written
+            at the end of fit; ``null`` writes nothing.
+        create_tiny_pipeline: testing aid: if ``pretrained_model_name_or_path`` is a missing local folder, write a
+            random tiny SD-1.x-shaped pipeline there first (offline smoke runs).
+        tiny_pipeline_tokenizer: folder of the real CLIP tokenizer for ``create_tiny_pipeline`` (else a small BPE).
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str = "CompVis/stable-diffusion-v1-4",
+        erase_concepts: list[str] | str = "nudity",
+        guide_concepts: list[str] | str = " ",
+        preserve_concepts: list[str] | None = None,
+        lamb: float = 0.1,
+        erase_scale: float = 1.0,
+        preserve_scale: float = 0.1,
+        reg: float = 0.1,
+        uce_tokens: TokenMode = "last_word_onward",
+        rece_tokens: TokenMode = "all",
+        preserve_guides: bool = True,
+        dtype: str = "float32",
+        export_subdir: str | None = "erased",
+        create_tiny_pipeline: bool = False,
+        tiny_pipeline_tokenizer: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.concepts = ConceptSet.from_config(erase_concepts, guide_concepts, preserve_concepts)
+        _check("lamb", lamb, strictly_positive=True)
+        _check("reg", reg, strictly_positive=True)
+        _check("erase_scale", erase_scale, strictly_positive=False)
+        _check("preserve_scale", preserve_scale, strictly_positive=False)
+        for name, mode in (("uce_tokens", uce_tokens), ("rece_tokens", rece_tokens)):
+            if mode not in TOKEN_MODES:
+                raise ValueError(f"{name}={mode!r} is not allowed: choose one of {list(TOKEN_MODES)}")
+        self.weight_dtype = diffusion.resolve_dtype(dtype)
+        if not (create_tiny_pipeline and diffusion.looks_like_local_path(pretrained_model_name_or_path)):
+            diffusion.check_pretrained_path(pretrained_model_name_or_path)
+        self.automatic_optimization = False
+        self.pipeline = None  # a diffusers pipeline, not an nn.Module: it stays out of state_dict and checkpoints
+        self.original_kv: dict[str, Tensor] = {}
+        self._embeddings: dict[str, EncodedPrompt] = {}
+        self._derived: tuple[int, dict[str, Tensor]] | None = None
+
+    # --- set-up --------------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.pipeline is not None:
+            return
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if max_epochs is not None and max_epochs < 0:
+            raise ValueError(
+                f"trainer.max_epochs={max_epochs} is not allowed for RECE: give the number of derive-erase rounds, "
+                ">= 0 (0 is the UCE edit alone)"
+            )
+        path = self.hparams.pretrained_model_name_or_path
+        if self.hparams.create_tiny_pipeline and not Path(path, "model_index.json").expanduser().is_file():
+            tokenizer = self.hparams.tiny_pipeline_tokenizer
+            if tokenizer is not None and not Path(tokenizer, "vocab.json").is_file():
+                rank_zero_warn(f"tiny_pipeline_tokenizer={tokenizer!r} holds no vocab.json: training a small BPE")
+                tokenizer = None
+            diffusion.build_tiny_pipeline(path, tokenizer=tokenizer)
+        self._check_prompt_lengths(diffusion.load_tokenizer(path))
+        self.pipeline = diffusion.load_pipeline(path, dtype=self.weight_dtype)
+        self.original_kv = {name: w.detach().clone() for name, w in diffusion.kv_weights(self.pipeline.unet).items()}
+        width = next(iter(self.original_kv.values())).shape[1]
+        self.register_buffer(TRANSFORM_KEY, torch.eye(width, dtype=torch.float64))
+        self.register_buffer("edits_applied", torch.zeros((), dtype=torch.long))
+        self.register_buffer("gram", closed_form.gram_matrix(list(self.original_kv.values())), persistent=False)
+
+    def _check_prompt_lengths(self, tokenizer) -> None:
+        limit = tokenizer.model_max_length
+        for prompt in self.concepts.prompts:
+            count = diffusion.token_count(tokenizer, prompt)
+            if count > limit:
+                raise ValueError(
+                    f"concept {prompt!r} is {count} tokens long (BOS and EOS included); the text encoder takes at "
+                    f"most {limit}: shorten it"
+                )
+
+    def on_fit_start(self) -> None:
+        self.pipeline.to(self.device)
+        self.original_kv = {name: w.to(self.device) for name, w in self.original_kv.items()}
+        if int(self.edits_applied) == 0:
+            started = time.perf_counter()
+            self._set_transform(self._uce_transform())
+            rank_zero_info(f"RECE: preliminary UCE edit done in {time.perf_counter() - started:.3f} s")
+        else:  # resumed from a checkpoint: the transform was restored, the U-Net still holds the original weights
+            self._write_weights(self._weights_for(self.transform))
+
+    # --- the algorithm -------------------------------------------------------------------------------------------
+
+    def encoded(self, prompts: list[str]) -> list[EncodedPrompt]:
+        """Text-encoder outputs of ``prompts``; each distinct prompt is encoded once per run."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
+        if missing:
+            self._embeddings.update(zip(missing, diffusion.encode_prompts(self.pipeline, missing), strict=True))
+        return [self._embeddings[p] for p in prompts]
+
+    def _preserved(self, concepts: ConceptSet) -> list[Tensor]:
+        guides = list(concepts.guides) if self.hparams.preserve_guides else []
+        return [e.embedding for e in self.encoded(guides + list(concepts.preserve))]
+
+    def _uce_transform(self) -> Tensor:
+        """Algorithm 1, line 6: Eq. 3 on the concepts' own embeddings."""
+        sources, targets = [], []
+        concepts = self.concepts
+        for concept, guide in zip(self.encoded(list(concepts.erase)), self.encoded(list(concepts.guides)), strict=True):
+            source, target = diffusion.select_tokens(
+                concept.embedding, concept.length, guide.embedding, guide.length, self.hparams.uce_tokens
+            )
+            sources.append(source)
+            targets.append(target)
+        return closed_form.replace_transform(sources, targets, self._preserved(concepts), **self._edit_scales())
+
+    def derived_embeddings(self, concepts: ConceptSet | None = None) -> dict[str, Tensor]:
+        """Eq. 8 for every concept in the current state: c' (77, d) in the model's dtype, keyed by concept.
+
+        Cached per state, so callbacks that look at c' before an epoch and the epoch itself share one computation.
+        """
+        concepts = concepts or self.concepts
+        state = int(self.edits_applied)
+        if self._derived is None or self._derived[0] != state or not set(concepts.erase) <= set(self._derived[1]):
+            derived = {
+                name: closed_form.derive_embedding_from_transform(
+                    self.gram, self.transform, encoded.embedding, reg=self.hparams.reg
+                )
+                for name, encoded in zip(concepts.erase, self.encoded(list(concepts.erase)), strict=True)
+            }
+            self._derived = (state, derived)
+        return {name: self._derived[1][name] for name in concepts.erase}
+
+    def training_step(self, batch: ConceptSet, batch_idx: int) -> None:
+        """Algorithm 1, lines 8-16: derive c' for each concept (Eq. 8), erase all c' at once (Eq. 3)."""
+        derived = self.derived_embeddings(batch)
+        sources, targets = [], []
+        for name, guide in zip(batch.erase, self.encoded(list(batch.guides)), strict=True):
+            concept_length = self.encoded([name])[0].length
+            source, target = diffusion.select_tokens(
+                derived[name], concept_length, guide.embedding, guide.length, self.hparams.rece_tokens
+            )
+            sources.append(source)
+            targets.append(target)
+        step = closed_form.replace_transform(sources, targets, self._preserved(batch), **self._edit_scales())
+        self._set_transform(self.transform @ step)
+        self._count_closed_form_step()
+
+    def _count_closed_form_step(self) -> None:
+        # Lightning counts `global_step` in optimiser steps; without one it stays 0, and ModelCheckpoint, loggers and
+        # max_steps would see no progress. The closed-form update is this epoch's step, so count it as one.
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def _edit_scales(self) -> dict[str, float]:
+        return {
+            "lamb": self.hparams.lamb,
+            "erase_scale": self.hparams.erase_scale,
+            "preserve_scale": self.hparams.preserve_scale,
+        }
+
+    def _weights_for(self, transform: Tensor) -> dict[str, Tensor]:
+        return {name: (w.to(torch.float64) @ transform).to(self.weight_dtype) for name, w in self.original_kv.items()}
+
+    def _set_transform(self, transform: Tensor) -> None:
+        """Make ``transform`` the model's state; refuse (and change nothing) if it gives non-finite weights."""
+        weights = self._weights_for(transform)
+        broken = [name for name, w in weights.items() if not torch.isfinite(w).all()]
+        if broken or not torch.isfinite(transform).all():
+            raise FloatingPointError(
+                f"RECE update {int(self.edits_applied)} gives non-finite K/V weights in {len(broken)} matrices "
+                f"(first: {broken[:1]}); lower erase_scale or raise lamb. The run stops and nothing is exported."
+            )
+        self._write_weights(weights)
+        self.transform.copy_(transform)
+        self.edits_applied += 1
+
+    def _write_weights(self, weights: dict[str, Tensor]) -> None:
+        diffusion.write_kv_weights(self.pipeline.unet, weights)
+
+    # --- what callbacks and users read ---------------------------------------------------------------------------
+
+    @property
+    def rece_epochs_done(self) -> int:
+        """Derive-erase rounds applied so far (the UCE edit not counted)."""
+        return max(int(self.edits_applied) - 1, 0)
+
+    def kv_state(self) -> dict[str, Tensor]:
+        """The live K/V weights of the U-Net (not copies)."""
+        return diffusion.kv_weights(self.pipeline.unet)
+
+    def manifest(self) -> dict[str, Any]:
+        """What an export of the current state records about how it was made."""
+        hparams = dict(self.hparams)
+        return {
+            "method": "RECE",
+            "base_model": hparams["pretrained_model_name_or_path"],
+            "erase_concepts": list(self.concepts.erase),
+            "guide_concepts": list(self.concepts.guides),
+            "preserve_concepts": list(self.concepts.preserve),
+            "hyperparameters": {key: hparams[key] for key in ("lamb", "erase_scale", "preserve_scale", "reg")},
+            "token_modes": {"uce": hparams["uce_tokens"], "rece": hparams["rece_tokens"]},
+            "preserve_guides": hparams["preserve_guides"],
+            "dtype": hparams["dtype"],
+            "rece_epochs": self.rece_epochs_done,
+        }
+
+    def export(self, folder: str | Path, **extra: Any) -> Path:
+        """Write the current K/V weights and manifest (plus ``extra`` fields) to ``folder``."""
+        return save_erased(folder, self.kv_state(), {**self.manifest(), **extra})
+
+    # --- Lightning plumbing --------------------------------------------------------------------------------------
+
+    def train_dataloader(self):
+        return ConceptDataModule.from_concepts(self.concepts).train_dataloader()
+
+    def configure_optimizers(self) -> None:
+        return None  # closed-form updates: "Fit will run without any optimizer"
+
+    def on_fit_end(self) -> None:
+        subdir = self.hparams.export_subdir
+        if subdir is None or not self.trainer.is_global_zero or self.trainer.interrupted:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / subdir
+        path = self.export(folder)
+        rank_zero_info(f"RECE: erased K/V weights written to {path}")

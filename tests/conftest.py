@@ -1,0 +1,69 @@
+"""Shared fixtures: one tiny random Stable Diffusion pipeline per test session, saved and loaded like a real one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CLIP_TOKENIZER = SHARED / "clip-tokenizer"
+DATASETS = SHARED / "datasets"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # Tiny models on a busy 2-core machine run 5-60x slower with 2 threads than with 1 (shared/NOTES.md).
+    torch.set_num_threads(1)
+
+
+def clip_tokenizer_or_skip() -> Path:
+    if not (CLIP_TOKENIZER / "vocab.json").is_file():
+        pytest.skip("../shared/clip-tokenizer is absent")
+    return CLIP_TOKENIZER
+
+
+def datasets_or_skip() -> Path:
+    if not DATASETS.is_dir():
+        pytest.skip("../shared/datasets is absent")
+    return DATASETS
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A tiny SD-1.x-shaped pipeline with the real CLIP tokenizer when ../shared has it (else a trained BPE)."""
+    from rece_lightning.diffusion import build_tiny_pipeline
+
+    tokenizer = CLIP_TOKENIZER if (CLIP_TOKENIZER / "vocab.json").is_file() else None
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd", tokenizer=tokenizer)
+
+
+@pytest.fixture
+def tiny_pipeline_copy(tiny_pipeline_dir, tmp_path) -> Path:
+    """A private copy of the tiny pipeline folder, for tests that write next to it."""
+    return Path(shutil.copytree(tiny_pipeline_dir, tmp_path / "tiny-sd"))
+
+
+def fit_tiny(pipeline_dir: Path, root: Path, *, max_epochs: int = 2, callbacks=None, ckpt_path=None, **module_kwargs):
+    """Run a real Lightning fit of RECEModule on the tiny pipeline; returns (trainer, module)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from rece_lightning import RECEModule
+
+    module = RECEModule(pretrained_model_name_or_path=str(pipeline_dir), **module_kwargs)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        default_root_dir=root,
+        logger=TensorBoardLogger(root, name="rece"),
+        callbacks=callbacks or [],
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks or []),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer, module

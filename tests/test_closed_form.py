@@ -1,0 +1,187 @@
+"""Property tests of Eq. 3 and Eq. 8 against independent float64 least-squares solves (QR, not normal equations)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rece_lightning.closed_form import (
+    derive_embedding,
+    derive_embedding_from_transform,
+    erase_closed_form,
+    gram_matrix,
+    replace_transform,
+)
+
+
+def _embeddings(generator: torch.Generator, tokens: int, dim: int, spread: float = 1.0) -> torch.Tensor:
+    """Rows with singular values spread over ``spread`` decades, like CLIP outputs (ill-conditioned)."""
+    basis = torch.randn(tokens, dim, generator=generator, dtype=torch.float64)
+    scales = torch.logspace(0, -spread, dim, dtype=torch.float64)
+    return basis * scales * 5.0
+
+
+def _lstsq_edit(weight, erase, targets, preserve, lamb, erase_scale, preserve_scale):
+    """Eq. 2 as one stacked least-squares problem in W^T: rows sqrt(s)c_i, sqrt(p)c_j, sqrt(lamb)I."""
+    old = weight.to(torch.float64)
+    dim = old.shape[1]
+    source = torch.cat(erase).to(torch.float64)
+    target = torch.cat(targets).to(torch.float64)
+    lhs = [math.sqrt(erase_scale) * source, math.sqrt(lamb) * torch.eye(dim, dtype=torch.float64)]
+    rhs = [math.sqrt(erase_scale) * target @ old.T, math.sqrt(lamb) * old.T]
+    if preserve:
+        kept = torch.cat(preserve).to(torch.float64)
+        lhs.append(math.sqrt(preserve_scale) * kept)
+        rhs.append(math.sqrt(preserve_scale) * kept @ old.T)
+    solution = torch.linalg.lstsq(torch.cat(lhs), torch.cat(rhs), driver="gelsd").solution
+    return solution.T
+
+
+def _lstsq_derive(new_weights, old_weights, concept, reg):
+    """Eq. 7 as a stacked least-squares problem in c': rows W_new_i and sqrt(reg)I, targets W_old_i c."""
+    dim = concept.shape[1]
+    lhs = torch.cat([w.to(torch.float64) for w in new_weights] + [math.sqrt(reg) * torch.eye(dim, dtype=torch.float64)])
+    rhs = torch.cat(
+        [w.to(torch.float64) @ concept.to(torch.float64).T for w in old_weights]
+        + [torch.zeros(dim, concept.shape[0], dtype=torch.float64)]
+    )
+    return torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution.T
+
+
+CASES = [
+    # (dim, out dims, erase token counts, preserve token counts, lamb, erase_scale, preserve_scale)
+    (8, [5, 12], [3], [], 0.1, 1.0, 0.1),
+    (16, [16, 32, 7], [4, 2], [5], 0.1, 1.0, 0.1),
+    (24, [40], [77], [77, 77], 1e-3, 1.0, 0.1),
+    (32, [64, 64, 96], [1, 6, 11], [3], 0.5, 2.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("dim,outs,erase_tokens,preserve_tokens,lamb,erase_scale,preserve_scale", CASES)
+def test_erase_matches_least_squares(dim, outs, erase_tokens, preserve_tokens, lamb, erase_scale, preserve_scale):
+    generator = torch.Generator().manual_seed(dim)
+    weights = [torch.randn(out, dim, generator=generator, dtype=torch.float64) for out in outs]
+    erase = [_embeddings(generator, t, dim) for t in erase_tokens]
+    targets = [_embeddings(generator, t, dim) for t in erase_tokens]
+    preserve = [_embeddings(generator, t, dim) for t in preserve_tokens] or None
+    ours = erase_closed_form(
+        weights, erase, targets, preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale
+    )
+    for weight, edited in zip(weights, ours, strict=True):
+        reference = _lstsq_edit(weight, erase, targets, preserve, lamb, erase_scale, preserve_scale)
+        torch.testing.assert_close(edited, reference, rtol=1e-9, atol=1e-9)
+
+
+def test_the_papers_printed_eq3_is_not_the_minimiser():
+    """The seed's Eq. 3 prints sum c*c*^T in the first factor; only target x source minimises Eq. 2."""
+    generator = torch.Generator().manual_seed(1)
+    dim, weight = 12, torch.randn(9, 12, generator=generator, dtype=torch.float64)
+    erase, targets = [_embeddings(generator, 4, dim)], [_embeddings(generator, 4, dim)]
+    reference = _lstsq_edit(weight, erase, targets, None, 0.1, 1.0, 0.0)
+    source, target = erase[0], targets[0]
+    eye = torch.eye(dim, dtype=torch.float64)
+    typo = weight @ (0.1 * eye + target.T @ target) @ torch.linalg.inv(0.1 * eye + source.T @ source)
+    ours = erase_closed_form([weight], erase, targets, lamb=0.1, preserve_scale=0.0)[0]
+    assert torch.allclose(ours, reference, atol=1e-9)
+    assert not torch.allclose(typo, reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs_are_solved_in_float64_and_returned_in_their_dtype(dtype):
+    generator = torch.Generator().manual_seed(7)
+    dim = 32
+    weights = [torch.randn(48, dim, generator=generator).to(dtype) for _ in range(3)]
+    erase = [_embeddings(generator, 5, dim, spread=2).to(dtype)]
+    targets = [_embeddings(generator, 5, dim, spread=2).to(dtype)]
+    ours = erase_closed_form(weights, erase, targets, lamb=0.1)
+    for weight, edited in zip(weights, ours, strict=True):
+        assert edited.dtype == dtype and edited.device == weight.device
+        reference = _lstsq_edit(weight, erase, targets, None, 0.1, 1.0, 0.1)
+        # The only error left is rounding the float64 answer into the input dtype.
+        eps = torch.finfo(dtype).eps
+        assert (edited.to(torch.float64) - reference).abs().max() <= 2 * eps * reference.abs().max()
+
+
+def test_fp32_stays_within_1e4_of_float64_on_ill_conditioned_sd_like_shapes():
+    """77-token CLIP-like embeddings whose Gram matrix has a condition number near 1e5-1e6, as on SD 1.4."""
+    generator = torch.Generator().manual_seed(3)
+    dim = 96
+    weights = [torch.randn(out, dim, generator=generator) * 0.05 for out in (64, 128, 128)]
+    concept = _embeddings(generator, 77, dim, spread=2.5).float()
+    guide = _embeddings(generator, 77, dim, spread=2.5).float()
+    ours = erase_closed_form(weights, [concept], [guide], [guide], lamb=0.1)
+    for weight, edited in zip(weights, ours, strict=True):
+        reference = _lstsq_edit(weight, [concept], [guide], [guide], 0.1, 1.0, 0.1)
+        relative = (edited.double() - reference).abs().max() / reference.abs().max()
+        assert relative < 1e-4
+
+
+@pytest.mark.parametrize("dim,outs,tokens,reg", [(8, [5, 12], 3, 0.1), (16, [32, 32, 8], 77, 1e-3), (24, [24], 1, 1.0)])
+def test_derive_embedding_matches_least_squares(dim, outs, tokens, reg):
+    generator = torch.Generator().manual_seed(tokens)
+    old = [torch.randn(out, dim, generator=generator, dtype=torch.float64) for out in outs]
+    new = [w + 0.3 * torch.randn(w.shape, generator=generator, dtype=torch.float64) for w in old]
+    concept = _embeddings(generator, tokens, dim)
+    ours = derive_embedding(new, old, concept, reg=reg)
+    torch.testing.assert_close(ours, _lstsq_derive(new, old, concept, reg), rtol=1e-9, atol=1e-9)
+
+
+def test_derive_embedding_keeps_dtype_and_tends_to_zero_with_large_reg():
+    generator = torch.Generator().manual_seed(5)
+    old = [torch.randn(20, 16, generator=generator) for _ in range(2)]
+    new = [w * 0.5 for w in old]
+    concept = torch.randn(77, 16, generator=generator).half()
+    derived = derive_embedding(new, old, concept, reg=0.1)
+    assert derived.dtype == torch.float16 and derived.shape == concept.shape
+    reference = _lstsq_derive(new, old, concept.double(), 0.1)
+    assert (derived.double() - reference).abs().max() <= 2e-3 * reference.abs().max()
+    assert derive_embedding(new, old, concept.float(), reg=1e9).abs().max() < 1e-4  # Eq. 7's pull towards 0
+
+
+def test_shared_transform_algebra_equals_the_per_matrix_computation():
+    """W_new = W_orig M for every matrix: Eq. 8 from G = sum W^T W alone equals Eq. 8 on the matrices."""
+    generator = torch.Generator().manual_seed(11)
+    dim = 20
+    originals = [torch.randn(out, dim, generator=generator, dtype=torch.float64) for out in (20, 40, 30)]
+    concept, guide = _embeddings(generator, 77, dim), _embeddings(generator, 77, dim)
+    transform = replace_transform([concept[:5]], [guide[:5]], [guide], lamb=0.1)
+    step = erase_closed_form(originals, [concept[:5]], [guide[:5]], [guide], lamb=0.1)
+    torch.testing.assert_close(step, [w @ transform for w in originals])
+    for _ in range(3):  # several derive-erase rounds
+        current = [w @ transform for w in originals]
+        derived_fast = derive_embedding_from_transform(gram_matrix(originals), transform, concept, reg=0.1)
+        derived_slow = derive_embedding(current, originals, concept, reg=0.1)
+        torch.testing.assert_close(derived_fast, derived_slow, rtol=1e-8, atol=1e-8)
+        edited = erase_closed_form(current, [derived_slow], [guide], [guide], lamb=0.1)
+        transform = transform @ replace_transform([derived_fast], [guide], [guide], lamb=0.1)
+        torch.testing.assert_close([w @ transform for w in originals], edited, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lamb": 0.0}, "lamb=0.0"),
+        ({"lamb": -1.0}, "lamb=-1.0"),
+        ({"lamb": float("nan")}, "lamb=nan"),
+        ({"erase_scale": -0.5}, "erase_scale=-0.5"),
+        ({"preserve_scale": float("inf")}, "preserve_scale=inf"),
+    ],
+)
+def test_bad_scales_are_refused_with_their_value(kwargs, message):
+    weight, rows = torch.randn(4, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match=message):
+        erase_closed_form([weight], [rows], [rows], **kwargs)
+
+
+def test_bad_shapes_and_reg_are_refused():
+    weight, rows = torch.randn(4, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="rows"):
+        erase_closed_form([weight], [rows], [torch.randn(3, 3)])
+    with pytest.raises(ValueError, match="width"):
+        erase_closed_form([weight], [rows], [torch.randn(2, 5)])
+    with pytest.raises(ValueError, match="reg=0"):
+        derive_embedding([weight], [weight], rows, reg=0)
+    with pytest.raises(ValueError, match="reg=-1"):
+        derive_embedding_from_transform(torch.eye(3), torch.eye(3), rows, reg=-1)

@@ -1,0 +1,97 @@
+"""Export after fit, then load into a freshly loaded pipeline: same K/V, same images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rece_lightning import diffusion, load_erased
+from rece_lightning.export import MANIFEST_NAME, WEIGHTS_NAME, read_manifest
+from tests.conftest import fit_tiny
+
+
+def _images(pipeline):
+    generator = torch.Generator().manual_seed(1234)
+    return pipeline(
+        ["nudity", "a photo of a cat"],
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=generator,
+        output_type="np",
+    ).images
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_pipeline_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    import lightning.pytorch as pl
+
+    trainer, module = fit_tiny(
+        tiny_pipeline_dir, root, max_epochs=2, callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt")]
+    )
+    return trainer, module, root
+
+
+def test_fit_exports_only_the_kv_weights_with_a_manifest(fitted, tiny_pipeline_dir):
+    trainer, module, _ = fitted
+    folder = trainer.log_dir + "/erased"
+    weights = load_file(f"{folder}/{WEIGHTS_NAME}")
+    assert set(weights) == set(module.kv_state())
+    manifest = read_manifest(folder)
+    assert manifest["base_model"] == str(tiny_pipeline_dir)
+    assert manifest["erase_concepts"] == ["nudity"] and manifest["guide_concepts"] == [" "]
+    assert manifest["hyperparameters"] == {"lamb": 0.1, "erase_scale": 1.0, "preserve_scale": 0.1, "reg": 0.1}
+    assert manifest["token_modes"] == {"uce": "last_word_onward", "rece": "all"}
+    assert manifest["rece_epochs"] == 2 and manifest["num_kv_matrices"] == len(weights)
+    assert {"torch", "diffusers", "lightning"} <= set(manifest["versions"])
+
+
+def test_export_applied_to_a_fresh_pipeline_gives_identical_weights_and_images(fitted, tiny_pipeline_dir):
+    trainer, module, _ = fitted
+    fresh = diffusion.load_pipeline(str(tiny_pipeline_dir))
+    before = _images(fresh)
+    load_erased(fresh, trainer.log_dir + "/erased")
+    for name, weight in module.kv_state().items():
+        assert torch.equal(diffusion.kv_weights(fresh.unet)[name], weight)
+    after = _images(fresh)
+    assert not (before == after).all()
+    assert (after == _images(module.pipeline)).all()
+
+
+def test_lightning_checkpoint_loads_like_the_export(fitted, tiny_pipeline_dir):
+    _, module, root = fitted
+    checkpoint = next((root / "ckpt").glob("*.ckpt"))
+    fresh = load_erased(diffusion.load_pipeline(str(tiny_pipeline_dir)), checkpoint)
+    for name, weight in module.kv_state().items():
+        assert torch.equal(diffusion.kv_weights(fresh.unet)[name], weight)
+
+
+def test_mismatched_base_model_is_refused_and_leaves_the_pipeline_untouched(fitted, tiny_pipeline_dir, tmp_path):
+    trainer, _, _ = fitted
+    weights = load_file(trainer.log_dir + "/erased/" + WEIGHTS_NAME)
+    pipeline = diffusion.load_pipeline(str(tiny_pipeline_dir))
+    untouched = {n: w.clone() for n, w in diffusion.kv_weights(pipeline.unet).items()}
+
+    fewer = dict(list(weights.items())[:-2])
+    save_file(fewer, str(tmp_path / "fewer.safetensors"))
+    with pytest.raises(ValueError, match=f"hold {len(fewer)} K/V matrices but this U-Net has {len(weights)}"):
+        load_erased(pipeline, tmp_path / "fewer.safetensors")
+
+    wider = {n: torch.zeros(w.shape[0], w.shape[1] * 24) for n, w in weights.items()}  # a 768-wide base model
+    save_file(wider, str(tmp_path / "wider.safetensors"))
+    with pytest.raises(ValueError, match="shape"):
+        load_erased(pipeline, tmp_path / "wider.safetensors")
+    for name, weight in diffusion.kv_weights(pipeline.unet).items():
+        assert torch.equal(weight, untouched[name])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_erased(pipeline, tmp_path / "missing")
+
+
+def test_manifest_is_json_next_to_the_weights(fitted):
+    trainer, _, _ = fitted
+    text = trainer.log_dir + "/erased/" + MANIFEST_NAME
+    assert json.loads(open(text).read())["method"] == "RECE"

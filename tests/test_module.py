@@ -1,0 +1,143 @@
+"""RECEModule under a real Lightning Trainer on the tiny pipeline."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from rece_lightning import RECEModule, closed_form, diffusion
+from tests.conftest import fit_tiny
+
+
+def _reference_rece(pipeline_dir, epochs, concept="nudity", guide=" ", lamb=0.1, scale=1.0, keep=0.1, reg=0.1):
+    """Algorithm 1 the slow way, per matrix in float64: UCE on token slices, then derive (Eq. 8) / erase (Eq. 3)."""
+    pipeline = diffusion.load_pipeline(str(pipeline_dir))
+    originals = [w.detach().double() for w in diffusion.kv_weights(pipeline.unet).values()]
+    encoded_concept, encoded_guide = diffusion.encode_prompts(pipeline, [concept, guide])
+    c, g = encoded_concept.embedding.double(), encoded_guide.embedding.double()
+    source, target = diffusion.select_tokens(c, encoded_concept.length, g, encoded_guide.length, "last_word_onward")
+    current = closed_form.erase_closed_form(
+        originals, [source], [target], [g], lamb=lamb, erase_scale=scale, preserve_scale=keep
+    )
+    for _ in range(epochs):
+        derived = closed_form.derive_embedding(current, originals, c, reg=reg)
+        current = closed_form.erase_closed_form(
+            current, [derived], [g], [g], lamb=lamb, erase_scale=scale, preserve_scale=keep
+        )
+    return current
+
+
+def test_fit_runs_uce_then_one_derive_erase_round_per_epoch(tiny_pipeline_dir, tmp_path):
+    trainer, module = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=3)
+    assert int(module.edits_applied) == 4 and module.rece_epochs_done == 3
+    assert trainer.global_step == 3  # each epoch's closed-form update counts as its step
+    assert all(not p.requires_grad for p in module.pipeline.unet.parameters())
+    reference = _reference_rece(tiny_pipeline_dir, epochs=3)
+    for ours, theirs in zip(module.kv_state().values(), reference, strict=True):
+        assert (ours.double() - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    # Only K/V changed: every other U-Net weight is the original one.
+    fresh = diffusion.load_pipeline(str(tiny_pipeline_dir)).unet.state_dict()
+    kv_names = set(module.kv_state())
+    for name, value in module.pipeline.unet.state_dict().items():
+        if name not in kv_names:
+            assert torch.equal(value, fresh[name]), name
+        else:
+            assert not torch.equal(value, fresh[name]), name
+
+
+def test_zero_epochs_is_the_uce_edit_alone(tiny_pipeline_dir, tmp_path):
+    _, module = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=0)
+    assert int(module.edits_applied) == 1
+    reference = _reference_rece(tiny_pipeline_dir, epochs=0)
+    for ours, theirs in zip(module.kv_state().values(), reference, strict=True):
+        assert (ours.double() - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_several_concepts_with_their_own_guides_and_preserves(tiny_pipeline_dir, tmp_path):
+    _, module = fit_tiny(
+        tiny_pipeline_dir,
+        tmp_path,
+        max_epochs=1,
+        erase_concepts=["Van Gogh", "Pablo Picasso"],
+        guide_concepts=["art", "painting"],
+        preserve_concepts=["Rembrandt", "Claude Monet"],
+        reg=1e-3,
+    )
+    derived = module.derived_embeddings()
+    assert set(derived) == {"Van Gogh", "Pablo Picasso"}
+    assert all(d.shape == (77, 32) for d in derived.values())
+    # Preserved prompts keep their K/V outputs nearly unchanged, erased ones move.
+    original = dict(zip(module.kv_state(), [w for w in module.original_kv.values()], strict=True))
+    kept, erased = (e.embedding for e in module.encoded(["Rembrandt", "Van Gogh"]))
+
+    def drift(rows):
+        return sum(
+            ((w - original[n]) @ rows.T).norm() / (original[n] @ rows.T).norm() for n, w in module.kv_state().items()
+        )
+
+    assert drift(kept) < drift(erased)
+
+
+def test_checkpoint_holds_the_transform_not_the_unet_and_resume_is_exact(tiny_pipeline_dir, tmp_path):
+    every_epoch = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    _, uninterrupted = fit_tiny(tiny_pipeline_dir, tmp_path / "a", max_epochs=3, callbacks=[every_epoch])
+    first = tmp_path / "ckpt" / "epoch=0.ckpt"
+    state = torch.load(first, weights_only=False)["state_dict"]
+    assert set(state) == {"transform", "edits_applied"}
+    assert first.stat().st_size < 100_000  # d = 32 here; 4.7 MB for SD 1.x's d = 768
+
+    _, resumed = fit_tiny(
+        tiny_pipeline_dir, tmp_path / "b", max_epochs=3, callbacks=[pl.callbacks.ModelCheckpoint()], ckpt_path=first
+    )
+    assert int(resumed.edits_applied) == int(uninterrupted.edits_applied) == 4
+    for name, weight in uninterrupted.kv_state().items():
+        assert torch.equal(resumed.kv_state()[name], weight), name
+
+
+def test_non_finite_update_stops_the_run_and_exports_nothing(tiny_pipeline_dir, tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=2, erase_scale=1e308)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"erase_concepts": []}, r"erase_concepts=\[\]"),
+        ({"erase_concepts": ["nudity", "  "]}, r"erase_concepts\[1\]='  '"),
+        ({"erase_concepts": [""]}, r"erase_concepts\[0\]=''"),
+        ({"preserve_concepts": [" "]}, r"preserve_concepts\[0\]=' '"),
+        ({"erase_concepts": ["a", "b", "c"], "guide_concepts": ["x", "y"]}, "guide_concepts has 2 entries"),
+        ({"lamb": 0}, "lamb=0 "),
+        ({"lamb": float("inf")}, "lamb=inf"),
+        ({"reg": -0.1}, "reg=-0.1"),
+        ({"reg": float("nan")}, "reg=nan"),
+        ({"erase_scale": -1.0}, "erase_scale=-1.0"),
+        ({"preserve_scale": -0.1}, "preserve_scale=-0.1"),
+        ({"uce_tokens": "first_word"}, "uce_tokens='first_word'"),
+        ({"rece_tokens": "some"}, "rece_tokens='some'"),
+        ({"dtype": "float8"}, "dtype='float8'"),
+    ],
+)
+def test_bad_configuration_is_refused_with_the_value_and_what_is_allowed(tiny_pipeline_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), **kwargs)
+
+
+def test_missing_local_model_folder_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        RECEModule(pretrained_model_name_or_path=str(tmp_path / "does-not-exist"))
+
+
+def test_over_long_concept_and_negative_epochs_are_refused_before_the_models_load(
+    tiny_pipeline_dir, tmp_path, monkeypatch
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline must not be loaded for a bad input")
+
+    monkeypatch.setattr(diffusion, "load_pipeline", no_loading)
+    with pytest.raises(ValueError, match="tokens long"):
+        fit_tiny(tiny_pipeline_dir, tmp_path, erase_concepts=["nudity " * 80])
+    with pytest.raises(ValueError, match="max_epochs=-1"):
+        fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=-1)
