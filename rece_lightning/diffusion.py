@@ -19,7 +19,12 @@ from torch import Tensor, nn
 
 TokenMode = Literal["last_word_onward", "all"]
 TOKEN_MODES: tuple[str, ...] = ("last_word_onward", "all")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from rece_lightning.closed_form import apply_transform
 from rece_lightning.diffusion import check_kv_compatible, kv_weights, write_kv_weights
 
 WEIGHTS_NAME = "rece_kv.safetensors"
@@ -115,6 +116,6 @@ def load_erased(pipeline, path: str | os.PathLike):
                 f"checkpoint transform is {tuple(transform.shape)} but this U-Net's K/V matrices take d={width} "
                 "inputs: it was made for another base model"
             )
-        weights = {name: (w.to(torch.float64) @ transform.to(w.device)).to(w.dtype) for name, w in current.items()}
+        weights = {name: apply_transform(w, transform) for name, w in current.items()}
     write_kv_weights(pipeline.unet, weights)
     return pipeline

@@ -57,7 +57,7 @@ class RECEModule(pl.LightningModule):
             ``last_word_onward``.
         preserve_guides: as in the reference code, also preserve each concept's guide prompt over all 77 positions
             with ``preserve_scale`` (once per concept) in every edit.
-        dtype: dtype of the pipeline's weights: ``float32``, ``float16`` or ``bfloat16``. The solves always run in
+        dtype: dtype of the pipeline's weights: ``float32``, ``float16``, ``bfloat16`` or ``float64``. The solves run in
             float64.
         export_subdir: folder under the run's log folder where the erased K/V weights and their manifest are written
             at the end of fit; ``null`` writes nothing.
@@ -122,11 +122,18 @@ class RECEModule(pl.LightningModule):
                 tokenizer = None
             diffusion.build_tiny_pipeline(path, tokenizer=tokenizer)
         self._check_prompt_lengths(diffusion.load_tokenizer(path))
-        self.pipeline = diffusion.load_pipeline(path, dtype=self.weight_dtype)
-        self.original_kv = {name: w.detach().clone() for name, w in diffusion.kv_weights(self.pipeline.unet).items()}
+        self.attach_pipeline(diffusion.load_pipeline(path, dtype=self.weight_dtype))
+
+    def attach_pipeline(self, pipeline) -> None:
+        """Take ``pipeline`` (unedited) as the model to erase from: keep its original K/V and their Gram matrix."""
+        self.pipeline = pipeline
+        self._embeddings.clear()
+        self._derived = None
+        self.original_kv = {name: w.detach().clone() for name, w in diffusion.kv_weights(pipeline.unet).items()}
         width = next(iter(self.original_kv.values())).shape[1]
-        self.register_buffer(TRANSFORM_KEY, torch.eye(width, dtype=torch.float64))
-        self.register_buffer("edits_applied", torch.zeros((), dtype=torch.long))
+        device = next(iter(self.original_kv.values())).device
+        self.register_buffer(TRANSFORM_KEY, torch.eye(width, dtype=torch.float64, device=device))
+        self.register_buffer("edits_applied", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("gram", closed_form.gram_matrix(list(self.original_kv.values())), persistent=False)
 
     def _check_prompt_lengths(self, tokenizer) -> None:
@@ -144,10 +151,12 @@ class RECEModule(pl.LightningModule):
         self.original_kv = {name: w.to(self.device) for name, w in self.original_kv.items()}
         if int(self.edits_applied) == 0:
             started = time.perf_counter()
-            self._set_transform(self._uce_transform())
+            self.apply_uce()
             rank_zero_info(f"RECE: preliminary UCE edit done in {time.perf_counter() - started:.3f} s")
         else:  # resumed from a checkpoint: the transform was restored, the U-Net still holds the original weights
-            self._write_weights(self._weights_for(self.transform))
+            self._write(
+                self.transform, previous=torch.eye(*self.transform.shape, dtype=torch.float64, device=self.device)
+            )
 
     # --- the algorithm -------------------------------------------------------------------------------------------
 
@@ -162,8 +171,8 @@ class RECEModule(pl.LightningModule):
         guides = list(concepts.guides) if self.hparams.preserve_guides else []
         return [e.embedding for e in self.encoded(guides + list(concepts.preserve))]
 
-    def _uce_transform(self) -> Tensor:
-        """Algorithm 1, line 6: Eq. 3 on the concepts' own embeddings."""
+    def apply_uce(self, write: bool = True) -> None:
+        """Algorithm 1, line 6: the preliminary UCE edit, Eq. 3 on the concepts' own embeddings."""
         sources, targets = [], []
         concepts = self.concepts
         for concept, guide in zip(self.encoded(list(concepts.erase)), self.encoded(list(concepts.guides)), strict=True):
@@ -172,7 +181,7 @@ class RECEModule(pl.LightningModule):
             )
             sources.append(source)
             targets.append(target)
-        return closed_form.replace_transform(sources, targets, self._preserved(concepts), **self._edit_scales())
+        self._edit(sources, targets, self._preserved(concepts), write=write)
 
     def derived_embeddings(self, concepts: ConceptSet | None = None) -> dict[str, Tensor]:
         """Eq. 8 for every concept in the current state: c' (77, d) in the model's dtype, keyed by concept.
@@ -191,19 +200,42 @@ class RECEModule(pl.LightningModule):
             self._derived = (state, derived)
         return {name: self._derived[1][name] for name in concepts.erase}
 
-    def training_step(self, batch: ConceptSet, batch_idx: int) -> None:
-        """Algorithm 1, lines 8-16: derive c' for each concept (Eq. 8), erase all c' at once (Eq. 3)."""
-        derived = self.derived_embeddings(batch)
+    def derive_and_erase(self, concepts: ConceptSet, write: bool = True) -> None:
+        """Algorithm 1, lines 8-16: derive c' for each concept (Eq. 8), erase all c' at once (Eq. 3).
+
+        Eq. 8 needs only the transform and G, so ``write=False`` may leave the U-Net's weights for later.
+        """
+        derived = self.derived_embeddings(concepts)
         sources, targets = [], []
-        for name, guide in zip(batch.erase, self.encoded(list(batch.guides)), strict=True):
+        for name, guide in zip(concepts.erase, self.encoded(list(concepts.guides)), strict=True):
             concept_length = self.encoded([name])[0].length
             source, target = diffusion.select_tokens(
                 derived[name], concept_length, guide.embedding, guide.length, self.hparams.rece_tokens
             )
             sources.append(source)
             targets.append(target)
-        step = closed_form.replace_transform(sources, targets, self._preserved(batch), **self._edit_scales())
-        self._set_transform(self.transform @ step)
+        self._edit(sources, targets, self._preserved(concepts), write=write)
+
+    def erase(self, epochs: int) -> None:
+        """The whole of Algorithm 1 without a Trainer (library use, benchmarks): UCE, then ``epochs`` rounds.
+
+        The U-Net's weights are written once, at the end; if they come out non-finite, nothing changes.
+        """
+        start, edits = self.transform.clone(), int(self.edits_applied)
+        if edits == 0:
+            self.apply_uce(write=False)
+        for _ in range(epochs):
+            self.derive_and_erase(self.concepts, write=False)
+        try:
+            self._write(self.transform, previous=start)
+        except FloatingPointError:
+            self.transform.copy_(start)
+            self.edits_applied.fill_(edits)
+            raise
+
+    def training_step(self, batch: ConceptSet, batch_idx: int) -> None:
+        """One epoch = one derive-erase round on the batch's concepts."""
+        self.derive_and_erase(batch)
         self._count_closed_form_step()
 
     def _count_closed_form_step(self) -> None:
@@ -213,31 +245,51 @@ class RECEModule(pl.LightningModule):
         progress.increment_ready()
         progress.increment_completed()
 
-    def _edit_scales(self) -> dict[str, float]:
-        return {
-            "lamb": self.hparams.lamb,
-            "erase_scale": self.hparams.erase_scale,
-            "preserve_scale": self.hparams.preserve_scale,
-        }
-
-    def _weights_for(self, transform: Tensor) -> dict[str, Tensor]:
-        return {name: (w.to(torch.float64) @ transform).to(self.weight_dtype) for name, w in self.original_kv.items()}
-
-    def _set_transform(self, transform: Tensor) -> None:
-        """Make ``transform`` the model's state; refuse (and change nothing) if it gives non-finite weights."""
-        weights = self._weights_for(transform)
-        broken = [name for name, w in weights.items() if not torch.isfinite(w).all()]
-        if broken or not torch.isfinite(transform).all():
+    def _edit(self, sources: list[Tensor], targets: list[Tensor], preserved: list[Tensor], write: bool) -> None:
+        """Compose one Eq. 3 edit (``W_new = W_cur @ X``) into the state; refuse non-finite results."""
+        transform = closed_form.compose_replace_edit(
+            self.transform,
+            sources,
+            targets,
+            preserved,
+            lamb=self.hparams.lamb,
+            erase_scale=self.hparams.erase_scale,
+            preserve_scale=self.hparams.preserve_scale,
+        )
+        if not torch.isfinite(transform).all():
             raise FloatingPointError(
-                f"RECE update {int(self.edits_applied)} gives non-finite K/V weights in {len(broken)} matrices "
-                f"(first: {broken[:1]}); lower erase_scale or raise lamb. The run stops and nothing is exported."
+                f"RECE edit {int(self.edits_applied)} gives a non-finite transform; lower erase_scale or raise lamb. "
+                "The run stops and nothing is exported."
             )
-        self._write_weights(weights)
+        if write:
+            self._write(transform, previous=self.transform)
         self.transform.copy_(transform)
         self.edits_applied += 1
 
-    def _write_weights(self, weights: dict[str, Tensor]) -> None:
-        diffusion.write_kv_weights(self.pipeline.unet, weights)
+    def weights_for(self, transform: Tensor) -> dict[str, Tensor]:
+        """The K/V weights ``W_orig @ transform`` of the state that ``transform`` describes, in the model's dtype."""
+        return {name: closed_form.apply_transform(w, transform) for name, w in self.original_kv.items()}
+
+    @torch.no_grad()
+    def _write(self, transform: Tensor, previous: Tensor) -> None:
+        """Write ``W_orig @ transform`` into the U-Net one matrix at a time (no second copy of all K/V in memory).
+
+        A matrix that comes out non-finite in the model's dtype (fp16 overflow) restores ``W_orig @ previous`` in the
+        matrices already written and raises: the U-Net is left as it was.
+        """
+        live = self.kv_state()
+        written = []
+        for name, original in self.original_kv.items():
+            weight = closed_form.apply_transform(original, transform)
+            if not torch.isfinite(weight).all():
+                for done in written:
+                    live[done].copy_(closed_form.apply_transform(self.original_kv[done], previous))
+                raise FloatingPointError(
+                    f"RECE edit {int(self.edits_applied)} gives non-finite {self.hparams.dtype} K/V weights in {name!r}; "
+                    "lower erase_scale or raise lamb. The run stops and nothing is exported."
+                )
+            live[name].copy_(weight)
+            written.append(name)
 
     # --- what callbacks and users read ---------------------------------------------------------------------------
 

@@ -1,0 +1,89 @@
+"""Warn (and optionally stop) when the edited model collapses, a known failure of UCE-style edits at large scales."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from callbacks.probing import ProbeSettings, generate_probes
+
+
+def collapse_reasons(images: np.ndarray, min_std: float) -> list[str]:
+    """Why a batch of (N, H, W, 3) probe images looks collapsed: NaN, constant or near-uniform images."""
+    reasons = []
+    for index, image in enumerate(images):
+        if not np.isfinite(image).all():
+            reasons.append(f"image {index} holds NaN/inf pixels")
+        elif float(image.std()) < min_std:
+            reasons.append(f"image {index} is near-uniform (pixel std {float(image.std()):.2g} < {min_std})")
+    return reasons
+
+
+class CollapseGuard(pl.Callback):
+    """Check every state's probe images and K/V weights; warn in the log and TensorBoard when the model collapsed.
+
+    Logged at step = RECE rounds applied: ``collapse/detected`` (0 or 1), ``collapse/min_image_std``, and the reasons
+    as TensorBoard text under ``collapse/reasons``.
+
+    Args:
+        min_std: probe images whose pixel standard deviation (pixels in [0, 1]) is below this count as uniform.
+        stop_on_collapse: stop training at the first collapse.
+        num_images, seed, num_inference_steps, guidance_scale, height, width: probe generation, as in ProbeImages.
+    """
+
+    def __init__(
+        self,
+        min_std: float = 0.02,
+        stop_on_collapse: bool = False,
+        num_images: int = 1,
+        seed: int = 0,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+    ) -> None:
+        if not 0 <= min_std < 1:
+            raise ValueError(f"min_std={min_std!r} is not allowed: pixel standard deviations lie in [0, 1)")
+        self.min_std = min_std
+        self.stop_on_collapse = stop_on_collapse
+        self.settings = ProbeSettings(num_images, seed, num_inference_steps, guidance_scale, height, width)
+        self.collapsed_states: list[int] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer, pl_module)
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        state = pl_module.rece_epochs_done
+        reasons = [
+            f"K/V weight {n} is not finite" for n, w in pl_module.kv_state().items() if not torch.isfinite(w).all()
+        ]
+        min_std = float("nan")
+        if not reasons:  # generating from non-finite weights would only add NaN images to the report
+            probes = generate_probes(pl_module, self.settings)
+            for kind, by_concept in (("derived", probes.derived), ("prompt", probes.prompt)):
+                for concept, images in by_concept.items():
+                    reasons += [f"{kind} probe of {concept!r}: {r}" for r in collapse_reasons(images, self.min_std)]
+                    stds = [float(np.nan_to_num(image).std()) for image in images]
+                    min_std = min(stds) if np.isnan(min_std) else min(min_std, *stds)
+        metrics = {"collapse/detected": float(bool(reasons)), "collapse/min_image_std": min_std}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=state)
+            if reasons and hasattr(logger.experiment, "add_text"):
+                logger.experiment.add_text("collapse/reasons", "\n\n".join(reasons), global_step=state)
+        if reasons:
+            self.collapsed_states.append(state)
+            action = "stopping the run" if self.stop_on_collapse else "continuing (stop_on_collapse=False)"
+            rank_zero_warn(
+                f"CollapseGuard: the model collapsed at state {state} (after {state} RECE epochs): "
+                f"{'; '.join(reasons[:3])}{' ...' if len(reasons) > 3 else ''}. Lower erase_scale or raise lamb; "
+                f"{action}."
+            )
+            if self.stop_on_collapse:
+                trainer.should_stop = True

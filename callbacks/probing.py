@@ -1,0 +1,97 @@
+"""Probe images of a RECE state: what the derived embedding c' (Eq. 8) and the plain concept prompt generate.
+
+Shared by the probe, nudity-selection and collapse callbacks, each of which works alone; when several run, the
+images of one model state are generated once (memoised per module and state).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import astuple, dataclass
+
+import numpy as np
+import torch
+
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Fixed generation settings, so that probe images of different epochs differ only by the model state."""
+
+    num_images: int = 1
+    seed: int = 0
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("num_images", "num_inference_steps", "height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= 1")
+        if self.height % 8 or self.width % 8:
+            raise ValueError(
+                f"height={self.height}, width={self.width}: both must be multiples of 8 (the VAE's factor)"
+            )
+        if not isinstance(self.guidance_scale, (int, float)) or not np.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale={self.guidance_scale!r} is not allowed: it must be a finite number")
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Images (N, H, W, 3) in [0, 1] per concept: from c' (``derived``) and from the concept's own prompt."""
+
+    state: int  # RECE rounds applied when the images were made (0 = right after the UCE edit)
+    derived: dict[str, np.ndarray]
+    prompt: dict[str, np.ndarray]
+
+
+@torch.no_grad()
+def generate_probes(module, settings: ProbeSettings) -> Probes:
+    """One batched pipeline call over all concepts x {c', prompt}; K/V weights and global RNG are left untouched."""
+    state = int(module.edits_applied)
+    key = (state, astuple(settings))
+    cached = _MEMO.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    pipeline = module.pipeline
+    concepts = list(module.concepts.erase)
+    derived = module.derived_embeddings()
+    prompt_embeddings = [e.embedding for e in module.encoded(concepts)]
+    rows = [derived[c] for c in concepts] + prompt_embeddings
+    dtype = pipeline.unet.dtype
+    batch = torch.stack(rows).to(dtype).repeat_interleave(settings.num_images, dim=0)
+    # Image i of every concept and of c' starts from the same noise (seed + i), so rows compare like for like.
+    generators = [
+        torch.Generator(device=pipeline.device).manual_seed(settings.seed + index % settings.num_images)
+        for index in range(batch.shape[0])
+    ]
+    images = pipeline(
+        prompt_embeds=batch,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        height=settings.height,
+        width=settings.width,
+        generator=generators,
+        output_type="np",
+    ).images
+    images = images.reshape(2, len(concepts), settings.num_images, *images.shape[1:])
+    probes = Probes(
+        state=module.rece_epochs_done,
+        derived={c: images[0, i] for i, c in enumerate(concepts)},
+        prompt={c: images[1, i] for i, c in enumerate(concepts)},
+    )
+    _MEMO[module] = (key, probes)
+    return probes
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) -> one (H, N*W, 3) row, for TensorBoard."""
+    return np.concatenate(list(images), axis=1)
+
+
+def slug(text: str) -> str:
+    cleaned = "".join(ch if ch.isalnum() else "_" for ch in text.strip().lower())
+    return cleaned.strip("_") or "blank"
