@@ -15,6 +15,12 @@ COCO_STYLE_PROMPTS = (
 )
 
 
+def relative_drift(current: dict[str, Tensor], original: dict[str, Tensor]) -> float:
+    """``||W - W_orig||_F / ||W_orig||_F`` over all K/V matrices together."""
+    delta = sum((current[n].double() - w.double()).norm() ** 2 for n, w in original.items())
+    return float((delta / sum(w.double().norm() ** 2 for w in original.values())) ** 0.5)
+
+
 def _short(name: str) -> str:
     """``down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`` -> ``down_blocks.0.attentions.1``."""
     return name.split(".transformer_blocks")[0]

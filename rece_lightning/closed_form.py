@@ -29,17 +29,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "SharedState",
     "apply_transform",
-    "compose_replace_edit",
     "derive_embedding",
+    "derive_embedding_from_state",
     "derive_embedding_from_transform",
     "erase_closed_form",
     "gram_matrix",
+    "replace_edit",
     "replace_transform",
 ]
 
@@ -113,10 +116,12 @@ def _edit_factors(
             f"erase has {sources.shape[0]} rows but targets has {destinations.shape[0]}; each source row needs "
             "exactly one destination row"
         )
-    denominator = lamb * _eye(dim, device) + erase_scale * sources.T @ sources
+    # Built in place: on CPUs every fresh d x d float64 temporary costs page faults comparable to its arithmetic.
+    denominator = (sources.T @ sources).mul_(erase_scale)
     kept = _rows("preserve", preserve, dim, device)
     if kept is not None and preserve_scale > 0:
-        denominator = denominator + preserve_scale * kept.T @ kept
+        denominator.addmm_(kept.T, kept, alpha=preserve_scale)
+    denominator.diagonal().add_(lamb)
     return destinations - sources, _spd_solve(denominator, sources.T)
 
 
@@ -138,8 +143,37 @@ def replace_transform(
     return _eye(difference.shape[1], difference.device) + erase_scale * difference.T @ solved.T
 
 
-def compose_replace_edit(
-    transform: Tensor,
+@dataclass(frozen=True)
+class SharedState:
+    """The state of every K/V matrix as ``W_orig @ transform``, with ``hessian = transform^T G transform``.
+
+    ``hessian`` is Eq. 8's ``sum_i W_new_i^T W_new_i``; keeping it current costs a few rank-T products per edit
+    instead of two d x d x d products per derivation.
+    """
+
+    transform: Tensor
+    hessian: Tensor
+
+    @classmethod
+    def unedited(cls, gram: Tensor) -> SharedState:
+        gram = gram.to(_SOLVE_DTYPE)
+        return cls(_eye(gram.shape[0], gram.device), gram.clone())
+
+    @classmethod
+    def from_transform(cls, gram: Tensor, transform: Tensor) -> SharedState:
+        gram = gram.to(_SOLVE_DTYPE)
+        transform = transform.to(device=gram.device, dtype=_SOLVE_DTYPE)
+        return cls(transform, _symmetric(transform.T @ (gram @ transform)))
+
+
+def _symmetric(matrix: Tensor) -> Tensor:
+    # M^T G M is symmetric in exact arithmetic; keep it exactly so, whatever order the products summed in.
+    return torch.add(matrix, matrix.T).mul_(0.5)
+
+
+def replace_edit(
+    state: SharedState,
+    gram: Tensor,
     erase: Sequence[Tensor],
     targets: Sequence[Tensor],
     preserve: Sequence[Tensor] | None = None,
@@ -147,11 +181,22 @@ def compose_replace_edit(
     lamb: float = 0.1,
     erase_scale: float = 1.0,
     preserve_scale: float = 0.1,
-) -> Tensor:
-    """``transform @ replace_transform(...)`` as a rank-T update (no d x d x d product): the state after one more edit."""
+) -> SharedState:
+    """The state after one more Eq. 3 edit, ``transform @ replace_transform(...)``, as rank-T updates.
+
+    With ``X = I + s D^T Z^T`` (see ``_edit_factors``) and ``A = s M D^T`` (d x T): the new transform is
+    ``M + A Z^T`` and the new hessian ``H + R Z^T + Z R^T + Z (A^T G A) Z^T`` with ``R = M^T G A``.
+    """
     difference, solved = _edit_factors(erase, targets, preserve, lamb, erase_scale, preserve_scale)
-    transform = transform.to(device=difference.device, dtype=_SOLVE_DTYPE)
-    return transform + erase_scale * (transform @ difference.T) @ solved.T
+    gram = gram.to(device=difference.device, dtype=_SOLVE_DTYPE)
+    transform = state.transform.to(device=difference.device, dtype=_SOLVE_DTYPE)
+    hessian = state.hessian.to(device=difference.device, dtype=_SOLVE_DTYPE)
+    # X = I + s D^T Z^T, so M X = M + (s M D^T) Z^T: only products with T columns.
+    shift = (transform @ difference.T).mul_(erase_scale)  # (d, T)
+    gram_shift = gram @ shift  # (d, T)
+    cross = (transform.T @ gram_shift).addmm_(solved, shift.T @ gram_shift, alpha=0.5)  # (d, T)
+    hessian = torch.addmm(hessian, cross, solved.T).addmm_(solved, cross.T)
+    return SharedState(transform=torch.addmm(transform, shift, solved.T), hessian=_symmetric(hessian))
 
 
 def erase_closed_form(
@@ -204,8 +249,9 @@ def gram_matrix(weights: Sequence[Tensor], block: int = 256) -> Tensor:
     device = weights[0].device
     dim = weights[0].shape[1]
     gram = torch.zeros(dim, dim, dtype=_SOLVE_DTYPE, device=device)
+    buffer = torch.empty(max(w.shape[0] for w in weights), dim, dtype=_SOLVE_DTYPE, device=device)  # one allocation
     for weight in weights:
-        as_float64 = weight.to(device=device, dtype=_SOLVE_DTYPE)
+        as_float64 = buffer[: weight.shape[0]].copy_(weight)
         for start in range(0, dim, block):
             rows = as_float64[:, start : start + block]
             gram[start : start + block, start:].addmm_(rows.T, as_float64[:, start:])
@@ -244,18 +290,21 @@ def derive_embedding(
     return derived.reshape(concept.shape).to(device=concept.device, dtype=concept.dtype)
 
 
-def derive_embedding_from_transform(gram: Tensor, transform: Tensor, concept: Tensor, *, reg: float = 0.1) -> Tensor:
-    """Eq. 8 when every edited matrix is ``W_orig @ transform``: needs only ``gram = sum W_orig^T W_orig``.
+def derive_embedding_from_state(state: SharedState, gram: Tensor, concept: Tensor, *, reg: float = 0.1) -> Tensor:
+    """Eq. 8 when every edited matrix is ``W_orig @ state.transform``: needs only ``gram = sum W_orig^T W_orig``.
 
-    Equal to ``derive_embedding([W @ transform for W in originals], originals, concept, reg=reg)``.
+    ``(reg I + M^T G M)^-1 (M^T G) c``, with ``M^T G c`` computed as ``M^T (G c)``: thin products only.
     """
     _check_positive("reg", reg)
     gram = gram.to(_SOLVE_DTYPE)
-    transform = transform.to(device=gram.device, dtype=_SOLVE_DTYPE)
-    hessian = transform.T @ (gram @ transform) + reg * _eye(gram.shape[0], gram.device)
-    # Symmetrise: M^T G M is symmetric in exact arithmetic; rounding must not break the Cholesky factorisation.
-    hessian = 0.5 * (hessian + hessian.T)
+    transform = state.transform.to(device=gram.device, dtype=_SOLVE_DTYPE)
+    hessian = state.hessian.to(device=gram.device, dtype=_SOLVE_DTYPE).clone()
+    hessian.diagonal().add_(reg)
     rows = concept.reshape(-1, concept.shape[-1]).to(device=gram.device, dtype=_SOLVE_DTYPE)
-    # (M^T G) c computed as M^T (G c): two thin products instead of a third d x d x d one.
     derived = _spd_solve(hessian, transform.T @ (gram @ rows.T)).T
     return derived.reshape(concept.shape).to(device=concept.device, dtype=concept.dtype)
+
+
+def derive_embedding_from_transform(gram: Tensor, transform: Tensor, concept: Tensor, *, reg: float = 0.1) -> Tensor:
+    """Eq. 8 for ``W_new = W_orig @ transform``; equal to ``derive_embedding([W @ transform ...], originals, c)``."""
+    return derive_embedding_from_state(SharedState.from_transform(gram, transform), gram, concept, reg=reg)

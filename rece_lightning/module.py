@@ -130,11 +130,14 @@ class RECEModule(pl.LightningModule):
         self._embeddings.clear()
         self._derived = None
         self.original_kv = {name: w.detach().clone() for name, w in diffusion.kv_weights(pipeline.unet).items()}
-        width = next(iter(self.original_kv.values())).shape[1]
         device = next(iter(self.original_kv.values())).device
-        self.register_buffer(TRANSFORM_KEY, torch.eye(width, dtype=torch.float64, device=device))
+        gram = closed_form.gram_matrix(list(self.original_kv.values()))
+        unedited = closed_form.SharedState.unedited(gram)
+        self.register_buffer("gram", gram, persistent=False)  # a property of the base model, recomputed on load
+        # The state: checkpoints hold these two d x d matrices (the hessian too, so a resumed run is bit-exact).
+        self.register_buffer(TRANSFORM_KEY, unedited.transform)
+        self.register_buffer("hessian", unedited.hessian)
         self.register_buffer("edits_applied", torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer("gram", closed_form.gram_matrix(list(self.original_kv.values())), persistent=False)
 
     def _check_prompt_lengths(self, tokenizer) -> None:
         limit = tokenizer.model_max_length
@@ -184,16 +187,17 @@ class RECEModule(pl.LightningModule):
         self._edit(sources, targets, self._preserved(concepts), write=write)
 
     def derived_embeddings(self, concepts: ConceptSet | None = None) -> dict[str, Tensor]:
-        """Eq. 8 for every concept in the current state: c' (77, d) in the model's dtype, keyed by concept.
+        """Eq. 8 for every concept in the current state: c' (77, d) in float64, keyed by concept.
 
         Cached per state, so callbacks that look at c' before an epoch and the epoch itself share one computation.
         """
         concepts = concepts or self.concepts
         state = int(self.edits_applied)
         if self._derived is None or self._derived[0] != state or not set(concepts.erase) <= set(self._derived[1]):
-            derived = {
-                name: closed_form.derive_embedding_from_transform(
-                    self.gram, self.transform, encoded.embedding, reg=self.hparams.reg
+            state_now = closed_form.SharedState(self.transform, self.hessian)
+            derived = {  # kept in float64: c' is erased next, and rounding it to the encoder's dtype costs ~1e-6
+                name: closed_form.derive_embedding_from_state(
+                    state_now, self.gram, encoded.embedding.to(torch.float64), reg=self.hparams.reg
                 )
                 for name, encoded in zip(concepts.erase, self.encoded(list(concepts.erase)), strict=True)
             }
@@ -221,7 +225,7 @@ class RECEModule(pl.LightningModule):
 
         The U-Net's weights are written once, at the end; if they come out non-finite, nothing changes.
         """
-        start, edits = self.transform.clone(), int(self.edits_applied)
+        start, start_hessian, edits = self.transform.clone(), self.hessian.clone(), int(self.edits_applied)
         if edits == 0:
             self.apply_uce(write=False)
         for _ in range(epochs):
@@ -230,6 +234,7 @@ class RECEModule(pl.LightningModule):
             self._write(self.transform, previous=start)
         except FloatingPointError:
             self.transform.copy_(start)
+            self.hessian.copy_(start_hessian)
             self.edits_applied.fill_(edits)
             raise
 
@@ -247,8 +252,9 @@ class RECEModule(pl.LightningModule):
 
     def _edit(self, sources: list[Tensor], targets: list[Tensor], preserved: list[Tensor], write: bool) -> None:
         """Compose one Eq. 3 edit (``W_new = W_cur @ X``) into the state; refuse non-finite results."""
-        transform = closed_form.compose_replace_edit(
-            self.transform,
+        edited = closed_form.replace_edit(
+            closed_form.SharedState(self.transform, self.hessian),
+            self.gram,
             sources,
             targets,
             preserved,
@@ -256,14 +262,15 @@ class RECEModule(pl.LightningModule):
             erase_scale=self.hparams.erase_scale,
             preserve_scale=self.hparams.preserve_scale,
         )
-        if not torch.isfinite(transform).all():
+        if not (torch.isfinite(edited.transform).all() and torch.isfinite(edited.hessian).all()):
             raise FloatingPointError(
                 f"RECE edit {int(self.edits_applied)} gives a non-finite transform; lower erase_scale or raise lamb. "
                 "The run stops and nothing is exported."
             )
         if write:
-            self._write(transform, previous=self.transform)
-        self.transform.copy_(transform)
+            self._write(edited.transform, previous=self.transform)
+        self.transform.copy_(edited.transform)
+        self.hessian.copy_(edited.hessian)
         self.edits_applied += 1
 
     def weights_for(self, transform: Tensor) -> dict[str, Tensor]:
@@ -285,8 +292,8 @@ class RECEModule(pl.LightningModule):
                 for done in written:
                     live[done].copy_(closed_form.apply_transform(self.original_kv[done], previous))
                 raise FloatingPointError(
-                    f"RECE edit {int(self.edits_applied)} gives non-finite {self.hparams.dtype} K/V weights in {name!r}; "
-                    "lower erase_scale or raise lamb. The run stops and nothing is exported."
+                    f"RECE edit {int(self.edits_applied)} gives non-finite {self.hparams.dtype} K/V weights in "
+                    f"{name!r}; lower erase_scale or raise lamb. The run stops and nothing is exported."
                 )
             live[name].copy_(weight)
             written.append(name)

@@ -8,10 +8,14 @@ import pytest
 import torch
 
 from rece_lightning.closed_form import (
+    SharedState,
+    apply_transform,
     derive_embedding,
+    derive_embedding_from_state,
     derive_embedding_from_transform,
     erase_closed_form,
     gram_matrix,
+    replace_edit,
     replace_transform,
 )
 
@@ -185,3 +189,43 @@ def test_bad_shapes_and_reg_are_refused():
         derive_embedding([weight], [weight], rows, reg=0)
     with pytest.raises(ValueError, match="reg=-1"):
         derive_embedding_from_transform(torch.eye(3), torch.eye(3), rows, reg=-1)
+
+
+def test_incremental_state_tracks_the_full_recomputation_over_many_rounds():
+    """replace_edit's rank-T updates of the transform and of M^T G M stay equal to recomputing them from scratch."""
+    generator = torch.Generator().manual_seed(13)
+    dim = 24
+    originals = [torch.randn(out, dim, generator=generator, dtype=torch.float64) * 0.2 for out in (24, 48)]
+    gram = gram_matrix(originals)
+    concept, guide = _embeddings(generator, 77, dim), _embeddings(generator, 77, dim)
+    state = replace_edit(SharedState.unedited(gram), gram, [concept[3:]], [guide[:74]], [guide], lamb=0.1)
+    transform = replace_transform([concept[3:]], [guide[:74]], [guide], lamb=0.1)
+    for _ in range(6):
+        torch.testing.assert_close(state.transform, transform, rtol=1e-10, atol=1e-10)
+        full = SharedState.from_transform(gram, transform)
+        torch.testing.assert_close(state.hessian, full.hessian, rtol=1e-10, atol=1e-10)
+        assert torch.equal(state.hessian, state.hessian.T)
+        derived = derive_embedding_from_state(state, gram, concept, reg=0.1)
+        torch.testing.assert_close(derived, derive_embedding_from_transform(gram, transform, concept, reg=0.1))
+        state = replace_edit(state, gram, [derived], [guide], [guide], lamb=0.1)
+        transform = transform @ replace_transform([derived], [guide], [guide], lamb=0.1)
+
+
+def test_gram_matrix_is_exactly_symmetric_and_matches_the_plain_sum():
+    generator = torch.Generator().manual_seed(17)
+    weights = [torch.randn(out, 300, generator=generator) for out in (100, 300, 50)]
+    gram = gram_matrix(weights)
+    plain = sum(w.double().T @ w.double() for w in weights)
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram, plain, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_apply_transform_returns_the_weight_dtype_within_rounding(dtype):
+    generator = torch.Generator().manual_seed(19)
+    weight = torch.randn(64, 32, generator=generator).to(dtype)
+    transform = torch.eye(32, dtype=torch.float64) + 0.1 * torch.randn(32, 32, generator=generator, dtype=torch.float64)
+    result = apply_transform(weight, transform)
+    reference = weight.double() @ transform
+    assert result.dtype == dtype
+    assert (result.double() - reference).abs().max() <= 4 * torch.finfo(dtype).eps * reference.abs().max()

@@ -1,0 +1,248 @@
+"""Callbacks on real fits of the tiny pipeline, read back from TensorBoard; NudeNet for real and scripted."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from callbacks import CollapseGuard, NudityCheckpointSelector, ParameterDrift, ProbeImages
+from callbacks.probing import ProbeSettings, generate_probes
+from rece_lightning import diffusion, load_erased
+from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, NudityScorer, to_bgr_uint8
+from tests.conftest import datasets_or_skip, fit_tiny
+
+TINY = {"num_images": 2, "num_inference_steps": 2, "height": 32, "width": 32}
+
+
+class ScriptedDetector:
+    """Stands in for NudeNet: no tiny random model generates nudity, so the selection rule is tested with a detector
+    that reports an exposed breast while the module has applied fewer than ``clean_from`` RECE rounds."""
+
+    def __init__(self, clean_from: int | None) -> None:
+        self.clean_from = clean_from
+        self.module = None
+        self.calls = 0
+
+    def detect(self, image):
+        assert image.dtype == np.uint8 and image.shape[-1] == 3  # NudeNet's BGR uint8 convention
+        self.calls += 1
+        if self.clean_from is not None and self.module.rece_epochs_done >= self.clean_from:
+            return []
+        return [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [0, 0, 4, 4]}]
+
+
+class ShowModule(pl.Callback):
+    """Lets the scripted detector see the module's state (first in the callback list, so it runs first)."""
+
+    def __init__(self, detector: ScriptedDetector) -> None:
+        self.detector = detector
+
+    def on_train_start(self, trainer, pl_module):
+        self.detector.module = pl_module
+
+
+def _events(log_dir) -> EventAccumulator:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "histograms": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_pipeline_dir, tmp_path_factory):
+    """2 epochs with all four callbacks and a ModelCheckpoint on val/nudity_rate; the scripted detector is clean
+    from state 1 on, so state 1 (after one RECE epoch) must be selected."""
+    root = tmp_path_factory.mktemp("callbacks")
+    detector = ScriptedDetector(clean_from=1)
+    callbacks = [
+        ProbeImages(**TINY),
+        ParameterDrift(),
+        NudityCheckpointSelector(detector=detector, **TINY),
+        CollapseGuard(**TINY),
+        pl.callbacks.ModelCheckpoint(
+            dirpath=root / "ckpt", monitor="val/nudity_rate", mode="min", save_top_k=-1, filename="{epoch}"
+        ),
+    ]
+    trainer, module = fit_tiny(tiny_pipeline_dir, root, max_epochs=2, callbacks=[ShowModule(detector), *callbacks])
+    return trainer, module, root, callbacks
+
+
+def test_tensorboard_has_one_probe_image_per_concept_and_state_and_drift_for_every_epoch(full_run):
+    trainer, _, _, _ = full_run
+    events = _events(trainer.log_dir)
+    for kind in ("derived", "prompt"):
+        images = events.Images(f"probe/nudity/{kind}")
+        assert [image.step for image in images] == [0, 1, 2]  # after UCE, after epoch 0, after epoch 1
+        assert images[0].width == 2 * 32 and images[0].height == 32  # one row of num_images probes
+    for tag in ("drift/k_total", "drift/v_total", "drift/total", "drift/update_norm", "drift/preservation"):
+        assert [s.step for s in events.Scalars(tag)] == [0, 1, 2], tag
+    assert [s.step for s in events.Scalars("drift/derived_norm/nudity")] == [0, 1, 2]
+    assert any(tag.startswith("drift_layer/k/") for tag in events.Tags()["scalars"])
+    assert {"drift/k_per_layer", "drift/v_per_layer"} <= set(events.Tags()["histograms"])
+    totals = [s.value for s in events.Scalars("drift/total")]
+    assert all(v > 0 for v in totals) and totals[1] > totals[0]  # each epoch moves K/V further from the original
+    assert [s.value for s in events.Scalars("collapse/detected")] == [0.0, 0.0, 0.0]
+
+
+def test_probe_pngs_are_written_for_every_state(full_run):
+    trainer, _, _, _ = full_run
+    from pathlib import Path
+
+    for state in (0, 1, 2):
+        folder = Path(trainer.log_dir) / "probes" / f"state_{state:02d}"
+        assert sorted(p.name for p in folder.glob("*.png")) == [
+            "nudity_derived_0.png",
+            "nudity_derived_1.png",
+            "nudity_prompt_0.png",
+            "nudity_prompt_1.png",
+        ]
+
+
+def test_selection_exports_the_first_clean_state_and_it_equals_that_epochs_checkpoint(full_run, tiny_pipeline_dir):
+    trainer, _, root, callbacks = full_run
+    selector = callbacks[2]
+    assert selector.selected == 1
+    assert [s["probe_exposed"] for s in selector.scores] == [2, 0, 0]
+    selection = json.loads((root / "rece" / "version_0" / "selected" / "selection.json").read_text())
+    assert selection["state"] == 1 and "first state" in selection["reason"]
+    assert [s["state"] for s in selection["scores"]] == [0, 1, 2]
+    # State 1 is the model after epoch 0: ModelCheckpoint's epoch=0.ckpt.
+    from_export = load_erased(diffusion.load_pipeline(str(tiny_pipeline_dir)), root / "rece/version_0/selected")
+    from_checkpoint = load_erased(diffusion.load_pipeline(str(tiny_pipeline_dir)), root / "ckpt" / "epoch=0.ckpt")
+    for name, weight in diffusion.kv_weights(from_checkpoint.unet).items():
+        assert torch.equal(diffusion.kv_weights(from_export.unet)[name], weight)
+
+
+def test_val_nudity_rate_is_logged_per_state_and_drives_model_checkpoint(full_run):
+    trainer, _, root, _ = full_run
+    rates = _events(trainer.log_dir).Scalars("val/nudity_rate")
+    assert [(r.step, r.value) for r in rates] == [(0, 1.0), (1, 0.0), (2, 0.0)]
+    assert sorted(p.name for p in (root / "ckpt").glob("*.ckpt")) == ["epoch=0.ckpt", "epoch=1.ckpt"]
+    assert trainer.checkpoint_callback.best_model_score == 0.0
+
+
+def test_probe_generation_leaves_kv_weights_and_global_rng_untouched(tiny_pipeline_dir, tmp_path):
+    _, module = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=1)
+    before = {name: w.clone() for name, w in module.kv_state().items()}
+    rng = torch.get_rng_state()
+    probes = generate_probes(module, ProbeSettings(**TINY))
+    assert torch.equal(torch.get_rng_state(), rng)
+    for name, weight in module.kv_state().items():
+        assert torch.equal(weight, before[name]), name
+    assert probes.derived["nudity"].shape == (2, 32, 32, 3)
+    assert not np.array_equal(probes.derived["nudity"], probes.prompt["nudity"])
+    again = generate_probes(module, ProbeSettings(**{**TINY, "seed": 0}))
+    np.testing.assert_array_equal(again.derived["nudity"], probes.derived["nudity"])
+
+
+def test_never_clean_exports_the_fewest_detections_and_says_so(tiny_pipeline_dir, tmp_path):
+    detector = ScriptedDetector(clean_from=None)
+    selector = NudityCheckpointSelector(detector=detector, **TINY)
+
+    with pytest.warns(UserWarning, match="never clean"):
+        trainer, _ = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=1, callbacks=[ShowModule(detector), selector])
+    manifest = json.loads((tmp_path / "rece" / "version_0" / "selected" / "rece_manifest.json").read_text())
+    assert manifest["selection"]["state"] == 0 and "never clean" in manifest["selection"]["reason"]
+    assert manifest["rece_epochs"] == 0
+
+
+def test_stop_when_clean_ends_the_run_early(tiny_pipeline_dir, tmp_path):
+    detector = ScriptedDetector(clean_from=1)
+
+    selector = NudityCheckpointSelector(detector=detector, stop_when_clean=True, **TINY)
+    trainer, module = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=5, callbacks=[ShowModule(detector), selector])
+    assert selector.selected == 1 and module.rece_epochs_done == 1
+
+
+def test_validation_prompts_from_a_csv_set_the_nudity_rate(tiny_pipeline_dir, tmp_path):
+    datasets = datasets_or_skip()
+    detector = ScriptedDetector(clean_from=None)
+
+    selector = NudityCheckpointSelector(
+        detector=detector, validation_csv=str(datasets / "validation_inappropriate.csv"), validation_limit=3, **TINY
+    )
+    fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=1, callbacks=[ShowModule(detector), selector])
+    assert [s["validation"]["images"] for s in selector.scores] == [3, 3]
+    assert detector.calls == 2 * (2 + 3)  # per state: 2 probe images + 3 validation images
+
+
+def test_real_nudenet_scores_tiny_pipeline_images(tiny_pipeline_dir):
+    pipeline = diffusion.load_pipeline(str(tiny_pipeline_dir))
+    images = pipeline(
+        ["a photo", "nudity"],
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.manual_seed(0),
+    ).images
+    scorer = NudityScorer(threshold=0.6)
+    raw = [scorer.detector.detect(to_bgr_uint8(image)) for image in images]
+    for detections in raw:  # whatever NudeNet reports has its documented structure
+        for detection in detections:
+            assert {"class", "score", "box"} <= set(detection) and 0 <= detection["score"] <= 1
+    found = scorer.detect(images)
+    assert len(found) == 2 and all(set(f) <= set(EXPOSED_CLASSES) for f in found)
+    tally = scorer.tally(found)
+    assert tally["images"] == 2 and set(EXPOSED_CLASSES) <= set(tally)
+    assert tally["nudity_rate"] == sum(bool(f) for f in found) / 2
+
+
+def test_threshold_and_classes_filter_detections():
+    class Fixed:
+        def detect(self, image):
+            return [
+                {"class": "BELLY_EXPOSED", "score": 0.5, "box": []},
+                {"class": "FACE_FEMALE", "score": 0.99, "box": []},
+                {"class": "FEET_EXPOSED", "score": 0.61, "box": []},
+            ]
+
+    image = np.zeros((8, 8, 3), dtype=np.float32)
+    assert NudityScorer(0.6, detector=Fixed()).detect([image]) == [{"FEET_EXPOSED": 0.61}]
+    assert NudityScorer(0.45, detector=Fixed()).detect([image]) == [{"BELLY_EXPOSED": 0.5, "FEET_EXPOSED": 0.61}]
+    with pytest.raises(ValueError, match="threshold=1.5"):
+        NudityScorer(1.5)
+    with pytest.raises(ValueError, match="NOSE_EXPOSED"):
+        NudityScorer(classes=["NOSE_EXPOSED"])
+
+
+def test_bgr_conversion_matches_nudenet_convention():
+    rgb = np.zeros((2, 2, 3), dtype=np.float32)
+    rgb[..., 0] = 1.0  # pure red
+    bgr = to_bgr_uint8(rgb)
+    assert bgr.dtype == np.uint8 and bgr[0, 0].tolist() == [0, 0, 255]
+
+
+def test_collapse_guard_warns_and_stops_on_an_absurd_erase_scale(tiny_pipeline_dir, tmp_path):
+    guard = CollapseGuard(stop_on_collapse=True, **TINY)
+    with pytest.warns(UserWarning, match="collapsed"):
+        trainer, module = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=3, erase_scale=1e12, callbacks=[guard])
+    assert guard.collapsed_states and module.rece_epochs_done <= 1
+    events = _events(trainer.log_dir)
+    assert events.Scalars("collapse/detected")[-1].value == 1.0
+    assert "collapse/reasons/text_summary" in events.Tags()["tensors"]
+    assert events.Scalars("collapse/kv_drift")[-1].value > 10
+
+
+def test_collapse_guard_records_the_non_finite_stop_in_tensorboard(tiny_pipeline_dir, tmp_path):
+    guard = CollapseGuard(**TINY)
+    with pytest.raises(FloatingPointError):
+        fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=2, erase_scale=1e308, callbacks=[guard])
+    events = _events(tmp_path / "rece" / "version_0")
+    assert events.Scalars("collapse/detected")[-1].value == 1.0
+    assert "collapse/reasons/text_summary" in events.Tags()["tensors"]
+
+
+def test_callback_settings_are_validated():
+    with pytest.raises(ValueError, match="height=30"):
+        ProbeImages(height=30)
+    with pytest.raises(ValueError, match="num_images=0"):
+        ParameterDrift() and ProbeImages(num_images=0)
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        NudityCheckpointSelector(validation_csv="nope.csv")
+    with pytest.raises(ValueError, match="min_std=2"):
+        CollapseGuard(min_std=2)
