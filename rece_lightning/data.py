@@ -1,18 +1,29 @@
-"""Concepts as data: the set of (concept, guide) pairs and preserved prompts that one RECE epoch erases.
+"""Data: the concepts one RECE epoch erases, and the prompt sets the evaluation generates from.
 
 RECE has no data set in the usual sense: every epoch derives and erases the same concepts (Algorithm 1, lines 8-16).
-So the training data is one batch, the whole ``ConceptSet``, yielded once per epoch.
+So the training data is one batch, the whole ``ConceptSet``, yielded once per epoch. Evaluation reads prompt CSVs
+(I2P, the nudity set, Ring-A-Bell, artists, COCO-30k) and splits them across processes without repeats.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ConceptDataModule", "ConceptDataset", "ConceptSet"]
+__all__ = [
+    "ConceptDataModule",
+    "ConceptDataset",
+    "ConceptSet",
+    "PromptDataModule",
+    "PromptDataset",
+    "PromptItem",
+    "UnpaddedDistributedSampler",
+    "read_prompt_csv",
+]
 
 
 def _as_list(name: str, value: str | Sequence[str] | None) -> list[str]:
@@ -117,3 +128,191 @@ class ConceptDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ConceptDataset(self.concepts), batch_size=1, collate_fn=_single_item)
+
+
+# --- prompt sets for evaluation ------------------------------------------------------------------------------------
+
+PROMPT_COLUMNS = ("prompt", "sensitive prompt")  # I2P / COCO / artists; Ring-A-Bell's attack prompts
+
+
+@dataclass
+class PromptItem:
+    """One image to generate: prompt ``case_number``'s ``index``-th image, with its own seed and guidance."""
+
+    case_number: int
+    index: int
+    prompt: str
+    seed: int
+    guidance: float
+    group: str = ""  # the artist (LPIPS_e / LPIPS_u split) or the I2P categories
+
+    @property
+    def image_name(self) -> str:
+        return f"{self.case_number}_{self.index}.png"
+
+
+def read_prompt_csv(
+    path: str,
+    *,
+    prompt_column: str | None = None,
+    categories: Sequence[str] | None = None,
+    artists: Sequence[str] | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+    default_seed: int = 42,
+    default_guidance: float = 7.5,
+):
+    """Read and select a prompt CSV: columns ``prompt`` (or Ring-A-Bell's ``sensitive prompt``), optional
+    ``evaluation_seed``, ``evaluation_guidance``, ``case_number``, ``categories``, ``artist``.
+
+    Filters apply in this order: categories (any match in I2P's comma-separated list), artists, then the row range
+    ``[offset, offset + limit)``. Returns a DataFrame with normalised columns.
+    """
+    import pandas as pd
+
+    if not isinstance(path, str) or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"prompts_csv={path!r} does not exist: give a prompt CSV such as ../shared/datasets/i2p.csv"
+        )
+    if offset < 0 or (limit is not None and limit < 1):
+        raise ValueError(f"offset={offset}, limit={limit}: offset must be >= 0 and limit >= 1 (or null for all)")
+    frame = pd.read_csv(path)
+    column = prompt_column or next((c for c in PROMPT_COLUMNS if c in frame.columns), None)
+    if column is None or column not in frame.columns:
+        raise ValueError(
+            f"{path!r} has no prompt column ({prompt_column or ' or '.join(PROMPT_COLUMNS)}); its columns are "
+            f"{list(frame.columns)}"
+        )
+    selected = pd.DataFrame(
+        {
+            "prompt": frame[column].fillna("").astype(str),
+            "case_number": frame["case_number"] if "case_number" in frame.columns else range(len(frame)),
+            "seed": frame["evaluation_seed"] if "evaluation_seed" in frame.columns else default_seed,
+            "guidance": frame["evaluation_guidance"] if "evaluation_guidance" in frame.columns else default_guidance,
+            "categories": frame["categories"].fillna("").astype(str) if "categories" in frame.columns else "",
+            "artist": frame["artist"].fillna("").astype(str) if "artist" in frame.columns else "",
+        }
+    )
+    if categories:
+        if "categories" not in frame.columns:
+            raise ValueError(f"categories={list(categories)} given but {path!r} has no 'categories' column")
+        wanted = {c.strip().lower() for c in categories}
+        keep = selected["categories"].map(lambda cell: bool(wanted & {c.strip().lower() for c in cell.split(",")}))
+        selected = selected[keep]
+    if artists:
+        if "artist" not in frame.columns:
+            raise ValueError(f"artists={list(artists)} given but {path!r} has no 'artist' column")
+        selected = selected[selected["artist"].isin(list(artists))]
+    selected = selected.iloc[offset : None if limit is None else offset + limit]
+    if selected.empty:
+        raise ValueError(
+            f"no prompt of {path!r} is selected by categories={categories}, artists={artists}, offset={offset}, "
+            f"limit={limit}"
+        )
+    if selected["case_number"].duplicated().any():
+        raise ValueError(f"{path!r} repeats case numbers; each prompt needs its own (image files are named by it)")
+    return selected.reset_index(drop=True)
+
+
+class PromptDataset(Dataset):
+    """Every (prompt, image index) pair: ``images_per_prompt`` items per prompt, image k seeded ``seed + k``."""
+
+    def __init__(self, frame, images_per_prompt: int = 1) -> None:
+        self.items = [
+            PromptItem(
+                case_number=int(row.case_number),
+                index=k,
+                prompt=row.prompt,
+                seed=int(row.seed) + k,
+                guidance=float(row.guidance),
+                group=row.artist or row.categories,
+            )
+            for row in frame.itertuples()
+            for k in range(images_per_prompt)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> PromptItem:
+        return self.items[index]
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Rank r takes items r, r + N, r + 2N, ...: every item exactly once, no padding (``DistributedSampler`` repeats
+    items to even out ranks, which would generate and count some prompts twice). Being a ``DistributedSampler``,
+    Lightning leaves it in place. A rank may get fewer items than another, or none."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _item_list(batch: list[PromptItem]) -> list[PromptItem]:
+    return batch
+
+
+class PromptDataModule(pl.LightningDataModule):
+    """A prompt CSV as test data, split across processes so that each image is generated exactly once.
+
+    Args:
+        prompts_csv: path of the prompt CSV (e.g. ``../shared/datasets/i2p.csv``).
+        offset: first selected row (after the category / artist filters).
+        limit: number of rows to take from ``offset`` (``null``: all).
+        images_per_prompt: images per prompt; image k uses seed ``evaluation_seed + k``.
+        categories: keep I2P rows whose ``categories`` include any of these (e.g. ``[sexual]``).
+        artists: keep rows whose ``artist`` is one of these.
+        prompt_column: column holding the prompt (default: ``prompt``, else ``sensitive prompt``).
+        default_seed: seed where the CSV has no ``evaluation_seed``.
+        default_guidance: guidance scale where the CSV has no ``evaluation_guidance``.
+        batch_size: prompts per pipeline call (grouped by guidance scale).
+    """
+
+    def __init__(
+        self,
+        prompts_csv: str,
+        offset: int = 0,
+        limit: int | None = None,
+        images_per_prompt: int = 1,
+        categories: list[str] | None = None,
+        artists: list[str] | None = None,
+        prompt_column: str | None = None,
+        default_seed: int = 42,
+        default_guidance: float = 7.5,
+        batch_size: int = 4,
+    ) -> None:
+        super().__init__()
+        if images_per_prompt < 1 or batch_size < 1:
+            raise ValueError(f"images_per_prompt={images_per_prompt}, batch_size={batch_size}: both must be >= 1")
+        self.frame = read_prompt_csv(
+            prompts_csv,
+            prompt_column=prompt_column,
+            categories=categories,
+            artists=artists,
+            offset=offset,
+            limit=limit,
+            default_seed=default_seed,
+            default_guidance=default_guidance,
+        )
+        self.dataset = PromptDataset(self.frame, images_per_prompt)
+        self.batch_size = batch_size
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.frame)
+
+    def test_dataloader(self) -> DataLoader:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer_attached() else (1, 0)
+        sampler = UnpaddedDistributedSampler(self.dataset, num_replicas=world, rank=rank)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_item_list)
+
+    predict_dataloader = test_dataloader
+
+    def _trainer_attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None

@@ -59,8 +59,8 @@ class RECEModule(pl.LightningModule):
             with ``preserve_scale`` (once per concept) in every edit.
         dtype: dtype of the pipeline's weights: ``float32``, ``float16``, ``bfloat16`` or ``float64``. The solves run in
             float64.
-        export_subdir: folder under the run's log folder where the erased K/V weights and their manifest are written
-            at the end of fit; ``null`` writes nothing.
+        export_dir: where the erased K/V weights and their manifest are written at the end of fit; ``{log_dir}``
+            stands for the run's log folder. ``null`` writes nothing.
         create_tiny_pipeline: testing aid: if ``pretrained_model_name_or_path`` is a missing local folder, write a
             random tiny SD-1.x-shaped pipeline there first (offline smoke runs).
         tiny_pipeline_tokenizer: folder of the real CLIP tokenizer for ``create_tiny_pipeline`` (else a small BPE).
@@ -80,7 +80,7 @@ class RECEModule(pl.LightningModule):
         rece_tokens: TokenMode = "all",
         preserve_guides: bool = True,
         dtype: str = "float32",
-        export_subdir: str | None = "erased",
+        export_dir: str | None = "{log_dir}/erased",
         create_tiny_pipeline: bool = False,
         tiny_pipeline_tokenizer: str | None = None,
     ) -> None:
@@ -338,9 +338,9 @@ class RECEModule(pl.LightningModule):
         return None  # closed-form updates: "Fit will run without any optimizer"
 
     def on_fit_end(self) -> None:
-        subdir = self.hparams.export_subdir
-        if subdir is None or not self.trainer.is_global_zero or self.trainer.interrupted:
+        target = self.hparams.export_dir
+        if target is None or not self.trainer.is_global_zero or self.trainer.interrupted:
             return
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / subdir
+        folder = Path(target.format(log_dir=self.trainer.log_dir or self.trainer.default_root_dir))
         path = self.export(folder)
         rank_zero_info(f"RECE: erased K/V weights written to {path}")
