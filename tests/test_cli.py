@@ -5,24 +5,51 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
+from tests.conftest import datasets_or_skip
 from train import cli_main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs():
-    assert {"rece.yaml", "rece_vangogh.yaml", "smoke.yaml"} <= {c.name for c in CONFIGS}
+    assert {
+        "rece.yaml",
+        "rece_vangogh.yaml",
+        "smoke.yaml",
+        "eval_smoke.yaml",
+        "eval_i2p.yaml",
+        "eval_attacks.yaml",
+        "eval_ringabell.yaml",
+        "eval_coco.yaml",
+        "eval_artists.yaml",
+    } <= {c.name for c in CONFIGS}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_and_is_headed_by_its_command(config):
+def test_config_parses_against_the_code_and_is_headed_by_its_command(config, tiny_pipeline_dir, tmp_path):
     first_line = config.read_text().splitlines()[0]
     assert first_line.startswith("# python train.py ") and config.name in first_line
     subcommand = first_line.split()[3]
-    cli = cli_main(["--config", str(config)], run=False) if subcommand == "fit" else None
-    if cli is not None:
-        assert cli.model is not None and cli.trainer.max_epochs is not None
+    args = ["--config", str(config)]
+    if subcommand == "test":
+        # Evaluation configs name a model folder, an export and a prompt CSV that exist only after other runs: point
+        # them at the tiny pipeline, an empty export folder and the same CSV in ../shared/datasets.
+        csv = yaml.safe_load(config.read_text())["data"]["init_args"]["prompts_csv"]
+        shared_csv = datasets_or_skip() / Path(csv).name
+        (tmp_path / "export").mkdir()
+        args += [
+            f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}",
+            f"--model.erased={tmp_path / 'export'}",
+            f"--data.prompts_csv={shared_csv}",
+        ]
+    cli = cli_main(args, run=False)
+    assert cli.model is not None
+    if subcommand == "fit":
+        assert cli.trainer.max_epochs is not None
+    else:
+        assert cli.datamodule.num_prompts > 0
 
 
 def test_smoke_config_runs_the_whole_loop(tmp_path, monkeypatch):
