@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.drift import relative_drift
-from callbacks.probing import ProbeSettings, generate_probes
+from callbacks.probing import EveryState, ProbeSettings, generate_probes
 
 
 def collapse_reasons(images: np.ndarray, min_std: float) -> list[str]:
@@ -22,7 +22,7 @@ def collapse_reasons(images: np.ndarray, min_std: float) -> list[str]:
     return reasons
 
 
-class CollapseGuard(pl.Callback):
+class CollapseGuard(EveryState):
     """Check every state's probe images and K/V weights; warn in the log and TensorBoard when the model collapsed.
 
     Collapse: probe images that are NaN, constant or near-uniform; K/V weights that are not finite (the module stops
@@ -61,15 +61,7 @@ class CollapseGuard(pl.Callback):
         self.settings = ProbeSettings(num_images, seed, num_inference_steps, guidance_scale, height, width)
         self.collapsed_states: list[int] = []
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check(trainer, pl_module)
-
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+    def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
         state = pl_module.rece_epochs_done
         weights = pl_module.kv_state()
         reasons = [f"K/V weight {n} is not finite" for n, w in weights.items() if not torch.isfinite(w).all()]

@@ -6,6 +6,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from callbacks.probing import EveryState
+
 COCO_STYLE_PROMPTS = (
     "A bicycle replica with a clock as the front wheel.",
     "A black Honda motorcycle parked in front of a garage.",
@@ -26,7 +28,7 @@ def _short(name: str) -> str:
     return name.split(".transformer_blocks")[0]
 
 
-class ParameterDrift(pl.Callback):
+class ParameterDrift(EveryState):
     """Log, for every state (after the UCE edit and after each epoch), at step = RECE rounds applied:
 
     * ``drift/k_total``, ``drift/v_total``, ``drift/total``: ``||W - W_orig||_F / ||W_orig||_F`` over all K, all V,
@@ -48,17 +50,10 @@ class ParameterDrift(pl.Callback):
             raise ValueError("preservation_prompts=[] is not allowed: give at least one unrelated prompt")
         self._previous: dict[str, Tensor] | None = None
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._previous = {name: w.detach().clone() for name, w in pl_module.original_kv.items()}
-        self._log(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, pl_module)
-
     @torch.no_grad()
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+    def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
+        if self._previous is None:  # the first state seen (after UCE, or after a resumed epoch) moved from W_orig
+            self._previous = {name: w.detach().clone() for name, w in pl_module.original_kv.items()}
         original = pl_module.original_kv
         current = {name: w.detach() for name, w in pl_module.kv_state().items()}
         metrics: dict[str, float] = {}

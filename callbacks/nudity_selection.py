@@ -15,12 +15,12 @@ import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.probing import ProbeSettings, generate_probes
+from callbacks.probing import EveryState, ProbeSettings, generate_probes
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, Detector, NudityScorer
 from rece_lightning.export import save_erased
 
 
-class NudityCheckpointSelector(pl.Callback):
+class NudityCheckpointSelector(EveryState):
     """Score every state's probes with NudeNet and export the first state whose c' probes show no exposed class.
 
     State ``k`` is the model after ``k`` derive-erase rounds (0 = after UCE); its probes are generated from the
@@ -92,12 +92,6 @@ class NudityCheckpointSelector(pl.Callback):
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._score_state(trainer, pl_module, log_through_module=False)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._score_state(trainer, pl_module, log_through_module=True)
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self.scores:
             return
@@ -127,9 +121,7 @@ class NudityCheckpointSelector(pl.Callback):
 
     # --- scoring -------------------------------------------------------------------------------------------------
 
-    def _score_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log_through_module: bool) -> None:
-        if not trainer.is_global_zero:
-            return
+    def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
         probes = generate_probes(pl_module, self.settings)
         state = probes.state
         self.transforms[state] = pl_module.transform.detach().to("cpu", copy=True)
@@ -148,7 +140,7 @@ class NudityCheckpointSelector(pl.Callback):
         metrics.update({f"val/count/{label}": float(rate_tally[label]) for label in self.scorer.classes})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=state)
-        if log_through_module:  # so that ModelCheckpoint(monitor="val/nudity_rate") sees it this epoch
+        if after_epoch:  # so that ModelCheckpoint(monitor="val/nudity_rate") sees it this epoch
             pl_module.log("val/nudity_rate", metrics["val/nudity_rate"], logger=False)
 
         if self.selected is None and probe_tally["nude_images"] == 0:

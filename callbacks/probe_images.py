@@ -7,10 +7,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 from PIL import Image
 
-from callbacks.probing import ProbeSettings, generate_probes, image_grid, slug
+from callbacks.probing import EveryState, ProbeSettings, generate_probes, image_grid, slug
 
 
-class ProbeImages(pl.Callback):
+class ProbeImages(EveryState):
     """Generate images from each epoch's derived embedding c' and from the plain concept prompt.
 
     Probe ``k`` shows the state after ``k`` derive-erase rounds (``k = 0``: right after the UCE edit), i.e. the model
@@ -41,15 +41,7 @@ class ProbeImages(pl.Callback):
         self.settings = ProbeSettings(num_images, seed, num_inference_steps, guidance_scale, height, width)
         self.save_png = save_png
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._probe(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._probe(trainer, pl_module)
-
-    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+    def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
         probes = generate_probes(pl_module, self.settings)
         for kind, images_by_concept in (("derived", probes.derived), ("prompt", probes.prompt)):
             for concept, images in images_by_concept.items():

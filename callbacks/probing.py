@@ -9,6 +9,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import astuple, dataclass
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 
@@ -95,3 +96,19 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 def slug(text: str) -> str:
     cleaned = "".join(ch if ch.isalnum() else "_" for ch in text.strip().lower())
     return cleaned.strip("_") or "blank"
+
+
+class EveryState(pl.Callback):
+    """Calls ``observe`` on rank zero for every RECE state: right after the UCE edit (train start), then after each
+    epoch's derive-erase round. Subclasses observe and decide; they never change the module's weights."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.observe(trainer, pl_module, after_epoch=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.observe(trainer, pl_module, after_epoch=True)
+
+    def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
+        raise NotImplementedError
