@@ -141,3 +141,31 @@ def test_over_long_concept_and_negative_epochs_are_refused_before_the_models_loa
         fit_tiny(tiny_pipeline_dir, tmp_path, erase_concepts=["nudity " * 80])
     with pytest.raises(ValueError, match="max_epochs=-1"):
         fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=-1)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_pipelines_are_erased_with_float64_solves(tiny_pipeline_dir, dtype):
+    """fp16/bf16 weights in, the same erasure as in float32 out, rounded once into the model's dtype."""
+    reference = RECEModule(str(tiny_pipeline_dir))
+    reference.attach_pipeline(diffusion.load_pipeline(str(tiny_pipeline_dir)))
+    reference.erase(2)
+    module = RECEModule(str(tiny_pipeline_dir), dtype=dtype)
+    module.attach_pipeline(diffusion.load_pipeline(str(tiny_pipeline_dir), dtype=diffusion.resolve_dtype(dtype)))
+    module.erase(2)
+    assert module.transform.dtype == torch.float64
+    eps = torch.finfo(diffusion.resolve_dtype(dtype)).eps
+    for name, weight in module.kv_state().items():
+        assert weight.dtype == diffusion.resolve_dtype(dtype)
+        expected = reference.kv_state()[name].double()
+        # The inputs were rounded to half precision before the solve; the answer may move by a few eps.
+        assert (weight.double() - expected).abs().max() <= 50 * eps * expected.abs().max(), name
+
+
+def test_erase_without_a_trainer_matches_the_lightning_fit(tiny_pipeline_dir, tmp_path):
+    _, fitted = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=2)
+    module = RECEModule(str(tiny_pipeline_dir))
+    module.attach_pipeline(diffusion.load_pipeline(str(tiny_pipeline_dir)))
+    module.erase(2)
+    assert int(module.edits_applied) == 3
+    for name, weight in fitted.kv_state().items():
+        assert torch.equal(module.kv_state()[name], weight), name
