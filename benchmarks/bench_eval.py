@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from PIL import Image
 
 from rece_lightning import diffusion
 from rece_lightning.data import PromptDataModule
 from rece_lightning.evaluation import ErasureEvaluator
+from rece_lightning.evaluation.nudity import to_uint8
 
 CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
 
@@ -53,9 +53,7 @@ def plain_loop(pipeline, frame, batch_size, steps, size, folder: Path) -> float:
             output_type="np",
         ).images
         for row, image in zip(chunk, images, strict=True):
-            Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(
-                folder / f"{row.case_number}_0.png"
-            )
+            Image.fromarray(to_uint8(image)).save(folder / f"{row.case_number}_0.png")
     return time.perf_counter() - started
 
 

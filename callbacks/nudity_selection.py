@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.probing import EveryState, ProbeSettings, generate_probes
+from rece_lightning.data import read_prompt_csv
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, Detector, NudityScorer
 from rece_lightning.export import save_erased
 
@@ -81,14 +82,9 @@ class NudityCheckpointSelector(EveryState):
             return None
         if not Path(path).is_file():
             raise FileNotFoundError(f"validation_csv={path!r} does not exist: give a prompt CSV with a 'prompt' column")
-        frame = pd.read_csv(path)
-        if "prompt" not in frame.columns:
-            raise ValueError(f"validation_csv={path!r} has no 'prompt' column (columns: {list(frame.columns)})")
-        if limit is not None:
-            if limit < 1:
-                raise ValueError(f"validation_limit={limit!r} is not allowed: it must be >= 1")
-            frame = frame.head(limit)
-        return frame.reset_index(drop=True)
+        if limit is not None and limit < 1:
+            raise ValueError(f"validation_limit={limit!r} is not allowed: it must be >= 1")
+        return read_prompt_csv(path, limit=limit)
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
@@ -153,8 +149,7 @@ class NudityCheckpointSelector(EveryState):
     def _validation_images(self, pl_module) -> np.ndarray:
         pipeline = pl_module.pipeline
         frame = self.validation
-        seeds = list(frame["evaluation_seed"]) if "evaluation_seed" in frame.columns else list(range(len(frame)))
-        prompts = list(frame["prompt"].astype(str))
+        seeds, prompts = list(frame["seed"]), list(frame["prompt"])
         images = []
         for start in range(0, len(prompts), self.validation_batch_size):
             chunk = slice(start, start + self.validation_batch_size)

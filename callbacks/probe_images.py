@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from PIL import Image
 
 from callbacks.probing import EveryState, ProbeSettings, generate_probes, image_grid, slug
+from rece_lightning.evaluation.nudity import to_uint8
 
 
 class ProbeImages(EveryState):
@@ -54,5 +55,4 @@ class ProbeImages(EveryState):
                     folder = Path(trainer.log_dir) / "probes" / f"state_{probes.state:02d}"
                     folder.mkdir(parents=True, exist_ok=True)
                     for index, image in enumerate(images):
-                        pixels = (image.clip(0, 1) * 255).round().astype("uint8")
-                        Image.fromarray(pixels).save(folder / f"{slug(concept)}_{kind}_{index}.png")
+                        Image.fromarray(to_uint8(image)).save(folder / f"{slug(concept)}_{kind}_{index}.png")

@@ -40,8 +40,8 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, so a crash never leaves a half-written export."""
+def atomic_write(path: Path, write) -> None:
+    """``write(temporary_path)``, then rename onto ``path``: a crash never leaves a half-written file behind."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
@@ -62,11 +62,11 @@ def save_erased(folder: str | os.PathLike, weights: Mapping[str, Tensor], manife
     tensors = {name: value.detach().to("cpu").contiguous() for name, value in weights.items()}
     full_manifest = {**manifest, "num_kv_matrices": len(tensors), "versions": package_versions()}
     weights_path = folder / WEIGHTS_NAME
-    _atomic_write(
+    atomic_write(
         weights_path,
         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "base_model": str(manifest.get("base_model"))}),
     )
-    _atomic_write(
+    atomic_write(
         folder / MANIFEST_NAME,
         lambda tmp: Path(tmp).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str)),
     )

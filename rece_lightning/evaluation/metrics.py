@@ -8,9 +8,9 @@ extractor for FID, and an ``nn.Module`` backbone for LPIPS go through the same o
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -127,9 +127,6 @@ class PairedLPIPS(Metric):
         return self.total / self.count.clamp(min=1)
 
 
-def as_float_images(images: Sequence) -> Tensor:
-    """uint8 (N, H, W, 3) arrays -> float (N, 3, H, W) in [0, 1]."""
-    stacked = (
-        torch.as_tensor(images) if isinstance(images, Tensor) else torch.stack([torch.as_tensor(i) for i in images])
-    )
-    return stacked.permute(0, 3, 1, 2).float() / 255.0
+def as_float_images(images: np.ndarray) -> Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0

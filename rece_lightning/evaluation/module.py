@@ -16,8 +16,6 @@ Results go to ``<output_dir>/results.json``, ``results.md`` (shaped like the pap
 
 from __future__ import annotations
 
-import os
-import tempfile
 from itertools import groupby
 from pathlib import Path
 
@@ -32,9 +30,9 @@ from torchmetrics.aggregation import SumMetric
 from rece_lightning import diffusion
 from rece_lightning.data import PromptItem
 from rece_lightning.evaluation import metrics as image_metrics
-from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, NudityScorer, check_threshold
+from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, NudityScorer, check_threshold, to_uint8
 from rece_lightning.evaluation.report import write_reports
-from rece_lightning.export import load_erased
+from rece_lightning.export import atomic_write, load_erased
 
 METRICS = ("nudity", "asr", "clip", "fid", "lpips")
 PAIRED_METRICS = ("fid", "lpips")  # compare the erased model with the original one
@@ -111,9 +109,10 @@ class ErasureEvaluator(pl.LightningModule):
                 raise ValueError(f"{name}={value} is not allowed: >= 1, and image sizes multiples of 8")
         if dtype != "auto":
             diffusion.resolve_dtype(dtype)
-        self.nudity = NudityScorer(nudity_threshold, nudity_classes or EXPOSED_CLASSES)
+        self.nudity_threshold = check_threshold(nudity_threshold)
         self.asr_threshold = check_threshold(asr_threshold)
-        self._detector_pass = NudityScorer(min(nudity_threshold, asr_threshold), self.nudity.classes)
+        # One NudeNet pass at the lower threshold; each metric keeps the detections above its own.
+        self.scorer = NudityScorer(min(nudity_threshold, asr_threshold), nudity_classes or EXPOSED_CLASSES)
         self.fid_feature = fid_feature
         self.lpips_net = lpips_net
         self.pipeline = None
@@ -147,7 +146,7 @@ class ErasureEvaluator(pl.LightningModule):
         for variant in self.variants:
             names = ["images", "prompts"]
             if "nudity" in self.metric_names:
-                names += ["nude_images", *self.nudity.classes]
+                names += ["nude_images", *self.scorer.classes]
             if "asr" in self.metric_names:
                 names.append("attack_successes")
             counters.update({f"{variant}/{name}": SumMetric() for name in names})
@@ -205,12 +204,11 @@ class ErasureEvaluator(pl.LightningModule):
         self._counter(variant, "images").update(float(len(batch)))
         self._counter(variant, "prompts").update(float(sum(item.index == 0 for item in batch)))
         if "nudity" in self.metric_names or "asr" in self.metric_names:
-            # One NudeNet pass at the lower threshold; each metric keeps the detections above its own.
-            scores = self._detector_pass.detect(images)
+            scores = self.scorer.detect(images)
             if "nudity" in self.metric_names:
-                found = [{c for c, s in image.items() if s >= self.nudity.threshold} for image in scores]
+                found = [{c for c, s in image.items() if s >= self.nudity_threshold} for image in scores]
                 self._counter(variant, "nude_images").update(float(sum(bool(f) for f in found)))
-                for label in self.nudity.classes:
+                for label in self.scorer.classes:
                     self._counter(variant, label).update(float(sum(label in f for f in found)))
             if "asr" in self.metric_names:
                 successes = sum(any(s >= self.asr_threshold for s in image.values()) for image in scores)
@@ -234,7 +232,10 @@ class ErasureEvaluator(pl.LightningModule):
                 group = list(group)
                 generated = self._generate([batch[i] for i in group], guidance)
                 for i, image in zip(group, generated, strict=True):
-                    _save_png(folder / batch[i].image_name, image)
+                    # Atomic: an interrupted run never leaves a truncated image that a rerun would trust.
+                    atomic_write(
+                        folder / batch[i].image_name, lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG")
+                    )
                     images[i] = image
         return np.stack(images)
 
@@ -255,7 +256,7 @@ class ErasureEvaluator(pl.LightningModule):
             generator=generators,
             output_type="np",
         ).images
-        return (np.clip(np.nan_to_num(images), 0, 1) * 255).round().astype(np.uint8)
+        return to_uint8(images)
 
     # --- results -------------------------------------------------------------------------------------------------
 
@@ -265,14 +266,14 @@ class ErasureEvaluator(pl.LightningModule):
             images = int(self._counter(variant, "images").compute())
             entry: dict = {"num_prompts": int(self._counter(variant, "prompts").compute()), "num_images": images}
             if "nudity" in self.metric_names:
-                counts = {label: int(self._counter(variant, label).compute()) for label in self.nudity.classes}
+                counts = {label: int(self._counter(variant, label).compute()) for label in self.scorer.classes}
                 nude = int(self._counter(variant, "nude_images").compute())
                 entry["nudity"] = {
                     **counts,
                     "total": sum(counts.values()),
                     "nude_images": nude,
                     "nudity_rate": nude / images if images else 0.0,
-                    "threshold": self.nudity.threshold,
+                    "threshold": self.nudity_threshold,
                 }
             if "asr" in self.metric_names:
                 successes = int(self._counter(variant, "attack_successes").compute())
@@ -323,15 +324,3 @@ def _flatten(results: dict, prefix: str = "test") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[name] = float(value)
     return flat
-
-
-def _save_png(path: Path, image: np.ndarray) -> None:
-    """Write through a temporary file: an interrupted run never leaves a truncated image that a rerun would trust."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
-    try:
-        Image.fromarray(image).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

@@ -58,14 +58,20 @@ class Detector(Protocol):
     def detect(self, image) -> list[dict]: ...
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pipeline output (float in [0, 1], any shape) -> uint8 pixels, as a PNG stores them; NaN becomes 0."""
+    array = np.asarray(images)
+    if array.dtype == np.uint8:
+        return array
+    return (np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
 def to_bgr_uint8(image: np.ndarray) -> np.ndarray:
     """An RGB image (H, W, 3) as float in [0, 1] or uint8 -> a contiguous BGR uint8 array for NudeNet."""
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"expected an RGB image of shape (H, W, 3); got {array.shape}")
-    if array.dtype != np.uint8:
-        array = (np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return np.ascontiguousarray(array[..., ::-1])
+    return np.ascontiguousarray(to_uint8(array)[..., ::-1])
 
 
 def check_threshold(threshold: float) -> float:
