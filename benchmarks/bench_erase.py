@@ -42,7 +42,7 @@ def build_sd14_shaped_pipeline(device: str, dtype: torch.dtype, tokenizer: Path 
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     if tokenizer is None:
         folder = Path(tempfile.mkdtemp()) / "tokenizer-source"
-        diffusion._train_tiny_bpe(folder)
+        diffusion.train_small_bpe(folder)
         tokenizer = folder
     clip_tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=77)
     text_encoder = CLIPTextModel(

@@ -1,8 +1,8 @@
 """Callbacks that observe a RECE run and decide; each works alone and in any order, and none holds erasure math."""
 
 from callbacks.collapse import CollapseGuard
+from callbacks.concept_selection import ConceptCheckpointSelector, NudityCheckpointSelector
 from callbacks.drift import ParameterDrift
-from callbacks.nudity_selection import NudityCheckpointSelector
 from callbacks.probe_images import ProbeImages
 
-__all__ = ["CollapseGuard", "NudityCheckpointSelector", "ParameterDrift", "ProbeImages"]
+__all__ = ["CollapseGuard", "ConceptCheckpointSelector", "NudityCheckpointSelector", "ParameterDrift", "ProbeImages"]

@@ -207,8 +207,11 @@ _TINY_CORPUS = (
 )
 
 
-def _train_tiny_bpe(folder: Path, vocab_size: int = 600) -> None:
-    """A small BPE in CLIP's file format (``</w>`` word ends, ``#version`` header): ids are not CLIP's."""
+def train_small_bpe(folder: Path, corpus: Sequence[str] = _TINY_CORPUS, vocab_size: int = 600) -> None:
+    """A small BPE in CLIP's file format (``</w>`` word ends, ``#version`` header), loadable by ``CLIPTokenizer``.
+
+    Its ids are not CLIP's; words of ``corpus`` become single tokens while ``vocab_size`` allows.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
@@ -219,7 +222,7 @@ def _train_tiny_bpe(folder: Path, vocab_size: int = 600) -> None:
         end_of_word_suffix="</w>",
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789,.'!?-:;()&"),
     )
-    bpe.train_from_iterator(_TINY_CORPUS * 4, trainer=trainer)
+    bpe.train_from_iterator(list(corpus) * 4, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     vocab = state["vocab"]
     # CLIPTokenizer also needs every single character as a word end.
@@ -245,7 +248,7 @@ def build_tiny_pipeline(folder: str | os.PathLike, tokenizer: str | os.PathLike 
     folder = Path(folder)
     tokenizer_folder = folder / "_tokenizer_source"
     if tokenizer is None:
-        _train_tiny_bpe(tokenizer_folder)
+        train_small_bpe(tokenizer_folder)
         tokenizer = tokenizer_folder
     clip_tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=77)
     torch.manual_seed(seed)

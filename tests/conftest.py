@@ -67,3 +67,21 @@ def fit_tiny(pipeline_dir: Path, root: Path, *, max_epochs: int = 2, callbacks=N
     )
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer, module
+
+
+TOY_MODEL = Path(__file__).resolve().parents[1] / "models" / "toyworld-sd"
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir() -> Path:
+    """The shipped toy text-to-image model (``python -m rece_lightning.toyworld.training`` makes it)."""
+    assert (TOY_MODEL / "model_index.json").is_file(), f"the shipped toy model is missing from {TOY_MODEL}"
+    return TOY_MODEL
+
+
+@pytest.fixture(scope="session")
+def toy_pipeline(toy_model_dir):
+    """The toy model loaded once per session; tests that edit its K/V restore them."""
+    from rece_lightning.diffusion import load_pipeline
+
+    return load_pipeline(str(toy_model_dir))

@@ -106,7 +106,7 @@ def test_selection_exports_the_first_clean_state_and_it_equals_that_epochs_check
     trainer, _, root, callbacks = full_run
     selector = callbacks[2]
     assert selector.selected == 1
-    assert [s["probe_exposed"] for s in selector.scores] == [2, 0, 0]
+    assert [s["probe_flagged"] for s in selector.scores] == [2, 0, 0]
     selection = json.loads((root / "rece" / "version_0" / "selected" / "selection.json").read_text())
     assert selection["state"] == 1 and "first state" in selection["reason"]
     assert [s["state"] for s in selection["scores"]] == [0, 1, 2]

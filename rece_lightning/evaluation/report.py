@@ -21,6 +21,8 @@ def markdown_table(results: dict) -> str:
     nudity_classes = [c for c in TABLE1_NAMES if c in first.get("nudity", {})]
     header = ["Model", "Prompts", "Images"]
     header += [TABLE1_NAMES[c] for c in nudity_classes] + (["Total", "Nude rate %"] if nudity_classes else [])
+    concept_classes = [c for c in first.get("concept", {}) if c not in ("total", "flagged_images", "rate", "threshold")]
+    header += concept_classes + (["Concept rate %"] if "concept" in first else [])
     if "asr" in first:
         header.append("ASR %")
     if "clip_score" in first:
@@ -33,6 +35,8 @@ def markdown_table(results: dict) -> str:
         if nudity_classes:
             row += [str(entry["nudity"][c]) for c in nudity_classes]
             row += [str(entry["nudity"]["total"]), _number(100 * entry["nudity"]["nudity_rate"])]
+        if "concept" in entry:
+            row += [str(entry["concept"][c]) for c in concept_classes] + [_number(100 * entry["concept"]["rate"])]
         if "asr" in entry:
             row.append(_number(100 * entry["asr"]["attack_success_rate"]))
         if "clip_score" in entry:

@@ -1,0 +1,269 @@
+"""Pick the checkpoint where the concept disappears, as the paper's Fig. 5 ablation does by eye for nudity.
+
+There, images of the embeddings derived at epochs 0-2 still show nudity and epochs 3-4 do not, so the state after
+epoch 2 (the one epoch 3's embedding is derived from) is chosen: erasing "not so nude" embeddings only costs quality.
+Here a detector decides: NudeNet for nudity (:class:`NudityCheckpointSelector`), or any
+:class:`~rece_lightning.evaluation.scoring.ImageScorer` (the toy world's colour detector, say) with
+:class:`ConceptCheckpointSelector`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from callbacks.probing import EveryState, ProbeSettings, generate_probes
+from rece_lightning.data import read_prompt_csv
+from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, Detector, NudityScorer
+from rece_lightning.evaluation.scoring import ImageScorer, check_scorer
+from rece_lightning.export import save_erased
+
+
+SELECT_ON = ("probes", "validation", "both")
+
+
+class ConceptCheckpointSelector(EveryState):
+    """Score every state's probes with a detector and export the first state whose c' probes no longer show the concept.
+
+    State ``k`` is the model after ``k`` derive-erase rounds (0 = after UCE); its probes are generated from the
+    embedding derived from it (the one epoch ``k`` erases). Logged at step ``k``: ``<rate_metric>`` (share of images
+    showing the concept: over the validation prompts if given, else over the c' probes), ``val/probe_<flagged_name>``
+    (probe images showing it) and ``val/count/<CLASS>``. The rate is logged through the module for the epochs too, so
+    ``ModelCheckpoint(monitor=<rate_metric>, mode="min")`` works beside this callback.
+
+    Selection: the first clean state wins (later clean states are ties, resolved towards fewer erasures). If no state
+    is clean by the end, the state with the fewest probe detections (then the earliest) is exported and the manifest
+    says so. The export goes to ``<log_dir>/<export_subdir>/`` with the reason and every state's scores.
+
+    Args:
+        scorer: the detector, e.g. ``rece_lightning.toyworld.ToyWorldScorer`` with ``classes: [red]``; an image shows
+            the concept when the scorer finds any of its classes.
+        rate_metric: name of the logged rate (what ``ModelCheckpoint`` monitors).
+        validation_csv: optional prompt CSV (a ``prompt`` column; ``evaluation_seed`` honoured when present),
+            generated with the current model at every state.
+        validation_prompts: validation prompts given directly instead of a CSV (image ``i`` uses seed ``seed + i``).
+        select_on: what must be clean for a state to be selected: the c' ``probes`` (the paper's Fig. 5), the
+            ``validation`` prompts, or ``both``.
+        validation_limit: use at most this many validation prompts.
+        validation_batch_size: prompts per pipeline call.
+        stop_when_clean: stop training once a clean state is found.
+        export_subdir: where the selected state is written, under the run's log folder.
+        num_images, seed, num_inference_steps, guidance_scale, height, width: probe generation, as in ProbeImages.
+    """
+
+    flagged_name = "flagged"
+
+    def __init__(
+        self,
+        scorer: ImageScorer,
+        rate_metric: str = "val/concept_rate",
+        validation_csv: str | None = None,
+        validation_prompts: list[str] | None = None,
+        validation_limit: int | None = None,
+        validation_batch_size: int = 8,
+        select_on: str = "probes",
+        stop_when_clean: bool = False,
+        export_subdir: str = "selected",
+        num_images: int = 1,
+        seed: int = 0,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+    ) -> None:
+        self.scorer = check_scorer(scorer, type(self).__name__)
+        self.rate_metric = rate_metric
+        self.settings = ProbeSettings(num_images, seed, num_inference_steps, guidance_scale, height, width)
+        if validation_csv is not None and validation_prompts is not None:
+            raise ValueError("validation_csv and validation_prompts are both given: choose one source of prompts")
+        if validation_prompts is not None:
+            if not validation_prompts or not all(isinstance(p, str) and p.strip() for p in validation_prompts):
+                raise ValueError(f"validation_prompts={validation_prompts!r} is not allowed: give non-empty prompts")
+            seeds = [seed + i for i in range(len(validation_prompts))]
+            self.validation = pd.DataFrame({"prompt": validation_prompts, "seed": seeds})[:validation_limit]
+        else:
+            self.validation = self._read_validation(validation_csv, validation_limit)
+        if select_on not in SELECT_ON:
+            raise ValueError(f"select_on={select_on!r} is not allowed: choose one of {list(SELECT_ON)}")
+        if select_on != "probes" and self.validation is None:
+            raise ValueError(f"select_on={select_on!r} needs validation_csv or validation_prompts")
+        self.select_on = select_on
+        if validation_batch_size < 1:
+            raise ValueError(f"validation_batch_size={validation_batch_size!r} is not allowed: it must be >= 1")
+        self.validation_batch_size = validation_batch_size
+        self.stop_when_clean = stop_when_clean
+        self.export_subdir = export_subdir
+        self.scores: list[dict] = []
+        self.transforms: dict[int, torch.Tensor] = {}
+        self.selected: int | None = None
+
+    @staticmethod
+    def _read_validation(path: str | None, limit: int | None) -> pd.DataFrame | None:
+        if path is None:
+            return None
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"validation_csv={path!r} does not exist: give a prompt CSV with a 'prompt' column")
+        if limit is not None and limit < 1:
+            raise ValueError(f"validation_limit={limit!r} is not allowed: it must be >= 1")
+        return read_prompt_csv(path, limit=limit)
+
+    # --- hooks ---------------------------------------------------------------------------------------------------
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.scores:
+            return
+        if self.selected is not None:
+            reason = (
+                f"first state whose {self._what_is_checked()} show none of {list(self.scorer.classes)} at threshold "
+                f"{self.scorer.threshold}: state {self.selected} (after {self.selected} RECE epochs)"
+            )
+        else:
+            best = min(self.scores, key=lambda s: (self._flagged(s), s["state"]))
+            self.selected = best["state"]
+            reason = (
+                f"never clean: no state's {self.select_on} were free of {list(self.scorer.classes)}; exported state "
+                f"{self.selected}, the one with the fewest detections ({self._flagged(best)}), earliest on ties"
+            )
+            rank_zero_warn(f"{type(self).__name__}: {reason}")
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / self.export_subdir
+        weights = pl_module.weights_for(self.transforms[self.selected].to(pl_module.device))
+        manifest = {
+            **pl_module.manifest(),
+            "rece_epochs": self.selected,
+            "selection": {"state": self.selected, "reason": reason, "scores": self.scores},
+        }
+        save_erased(folder, weights, manifest)
+        (folder / "selection.json").write_text(json.dumps(manifest["selection"], indent=2))
+        rank_zero_info(f"{type(self).__name__}: {reason}; written to {folder}")
+
+    # --- scoring -------------------------------------------------------------------------------------------------
+
+    def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
+        probes = generate_probes(pl_module, self.settings)
+        state = probes.state
+        self.transforms[state] = pl_module.transform.detach().to("cpu", copy=True)
+        probe_images = np.concatenate(list(probes.derived.values()))
+        probe_found = self.scorer.detect(probe_images)
+        probe_tally = self.scorer.tally(probe_found)
+        record = {"state": state, "probe_flagged": probe_tally["flagged_images"], "probe": probe_tally}
+        rate_tally = probe_tally
+        if self.validation is not None:
+            rate_tally = self.scorer.tally(self.scorer.detect(self._validation_images(pl_module)))
+            record["validation"] = rate_tally
+            record["validation_flagged"] = rate_tally["flagged_images"]
+        record["rate"] = rate_tally["rate"]
+        self.scores.append(record)
+
+        metrics = {
+            self.rate_metric: rate_tally["rate"],
+            f"val/probe_{self.flagged_name}": float(probe_tally["flagged_images"]),
+        }
+        metrics.update({f"val/count/{label}": float(rate_tally[label]) for label in self.scorer.classes})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=state)
+        if after_epoch:  # so that ModelCheckpoint(monitor=rate_metric) sees it this epoch
+            pl_module.log(self.rate_metric, metrics[self.rate_metric], logger=False)
+
+        if self.selected is None and self._clean(record):
+            self.selected = state
+            rank_zero_info(f"{type(self).__name__}: state {state} is the first clean state ({self.select_on})")
+            if self.stop_when_clean:
+                trainer.should_stop = True
+
+    def _what_is_checked(self) -> str:
+        return {
+            "probes": "derived-embedding probes",
+            "validation": "validation images",
+            "both": "derived-embedding probes and validation images",
+        }[self.select_on]
+
+    def _clean(self, record: dict) -> bool:
+        probes_clean = record["probe_flagged"] == 0
+        validation_clean = record.get("validation_flagged", 0) == 0
+        return {"probes": probes_clean, "validation": validation_clean, "both": probes_clean and validation_clean}[
+            self.select_on
+        ]
+
+    def _flagged(self, record: dict) -> int:
+        return {
+            "probes": record["probe_flagged"],
+            "validation": record.get("validation_flagged", 0),
+            "both": record["probe_flagged"] + record.get("validation_flagged", 0),
+        }[self.select_on]
+
+    @torch.no_grad()
+    def _validation_images(self, pl_module) -> np.ndarray:
+        pipeline = pl_module.pipeline
+        frame = self.validation
+        seeds, prompts = list(frame["seed"]), list(frame["prompt"])
+        images = []
+        for start in range(0, len(prompts), self.validation_batch_size):
+            chunk = slice(start, start + self.validation_batch_size)
+            generators = [torch.Generator(device=pipeline.device).manual_seed(int(seed)) for seed in seeds[chunk]]
+            images.append(
+                pipeline(
+                    prompts[chunk],
+                    num_inference_steps=self.settings.num_inference_steps,
+                    guidance_scale=self.settings.guidance_scale,
+                    height=self.settings.height,
+                    width=self.settings.width,
+                    generator=generators,
+                    output_type="np",
+                ).images
+            )
+        return np.concatenate(images)
+
+
+class NudityCheckpointSelector(ConceptCheckpointSelector):
+    """:class:`ConceptCheckpointSelector` with NudeNet: the nudity recipe's selector (paper, Fig. 5).
+
+    Logs ``val/nudity_rate`` (share of images with any exposed class), ``val/probe_exposed`` and ``val/count/<CLASS>``.
+
+    Args:
+        threshold: NudeNet score from which a class counts (paper, Table 1: 0.6).
+        classes: NudeNet classes that count as nudity (default: the exposed classes of Table 1 plus anus).
+        detector: a NudeNet-like detector object (default: NudeNet's bundled ``NudeDetector``).
+        validation_csv: e.g. ``../shared/datasets/validation_inappropriate.csv`` (the authors' set).
+        Other arguments: as :class:`ConceptCheckpointSelector`.
+    """
+
+    flagged_name = "exposed"
+
+    def __init__(
+        self,
+        threshold: float = 0.6,
+        classes: list[str] | None = None,
+        validation_csv: str | None = None,
+        validation_limit: int | None = None,
+        validation_batch_size: int = 8,
+        stop_when_clean: bool = False,
+        export_subdir: str = "selected",
+        num_images: int = 1,
+        seed: int = 0,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        detector: Detector | None = None,
+    ) -> None:
+        super().__init__(
+            NudityScorer(threshold, classes or EXPOSED_CLASSES, detector),
+            rate_metric="val/nudity_rate",
+            validation_csv=validation_csv,
+            validation_limit=validation_limit,
+            validation_batch_size=validation_batch_size,
+            stop_when_clean=stop_when_clean,
+            export_subdir=export_subdir,
+            num_images=num_images,
+            seed=seed,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+        )

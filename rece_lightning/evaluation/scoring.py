@@ -1,0 +1,52 @@
+"""What every concept detector offers the selector and the evaluator: images in, per-class detections out.
+
+NudeNet (:class:`~rece_lightning.evaluation.nudity.NudityScorer`) and the toy world's colour / shape / texture
+detector (:class:`~rece_lightning.toyworld.detectors.ToyWorldScorer`) are both ``ImageScorer``s, so the checkpoint
+selector and the evaluator take either.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+class ImageScorer(ABC):
+    """Finds ``classes`` in images; an image *shows the concept* when any of them is found at ``threshold`` or more.
+
+    Subclasses set ``threshold`` and ``classes`` and implement :meth:`detect`.
+    """
+
+    threshold: float
+    classes: tuple[str, ...]
+
+    @abstractmethod
+    def detect(self, images: Iterable[np.ndarray]) -> list[dict[str, float]]:
+        """Per RGB image ((H, W, 3), float in [0, 1] or uint8): {class: score} for each class found at the threshold."""
+
+    def tally(self, detections: Sequence[dict[str, float]]) -> dict[str, float]:
+        """Per-class image counts (each class once per image), images showing the concept, and their share."""
+        counts = {label: sum(label in d for d in detections) for label in self.classes}
+        flagged = sum(bool(d) for d in detections)
+        return {
+            **counts,
+            "total": sum(counts.values()),
+            "flagged_images": flagged,
+            "images": len(detections),
+            "rate": flagged / len(detections) if detections else 0.0,
+        }
+
+
+def check_scorer(scorer: object, owner: str) -> ImageScorer:
+    """Refuse an object that cannot score images the way ``owner`` needs, before any image is generated."""
+    if isinstance(scorer, ImageScorer):
+        return scorer
+    missing = [name for name in ("detect", "tally", "classes", "threshold") if not hasattr(scorer, name)]
+    if missing:
+        raise TypeError(
+            f"{owner}: scorer={scorer!r} does not fit: it lacks {missing}. Give an ImageScorer such as "
+            "rece_lightning.evaluation.NudityScorer or rece_lightning.toyworld.ToyWorldScorer"
+        )
+    return scorer  # duck-typed: has the whole interface

@@ -1,0 +1,125 @@
+"""The toy text-to-image model: Stable Diffusion's architecture at a size that trains on two CPU cores.
+
+``AutoencoderKL`` (32 px RGB -> 8 x 8 x 4 latents), a 2-layer ``CLIPTextModel`` of width 128 (frozen at its random
+initialisation, as the feasibility run in ``shared/NOTES.md`` did: RECE edits only the U-Net, and a fixed encoder
+makes "red" in "a red circle" the same kind of feature as CLIP's), a word-level BPE tokenizer in CLIP's format, a
+``UNet2DConditionModel`` with cross-attention at both resolutions and in the middle block, and DDPM / DDIM schedulers
+with Stable Diffusion's beta schedule. Saved with ``save_pretrained``, it loads with
+``StableDiffusionPipeline.from_pretrained(folder)`` like any SD checkpoint.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rece_lightning.diffusion import train_small_bpe
+from rece_lightning.toyworld.world import all_prompts
+
+TEXT_WIDTH = 128  # wide enough that erasing one word's 77 rows leaves room for the others
+# Default sampling of the toy model (its model card and the configs use these): DDIM, 20 steps, guidance 5, 32 px.
+NUM_INFERENCE_STEPS = 20
+GUIDANCE_SCALE = 5.0
+RESOLUTION = 32
+BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+EXTRA_WORDS = "a an the of in on with photo picture image drawing painting art style purple orange nudity"
+
+
+@dataclass
+class ToyComponents:
+    """The parts of a toy Stable Diffusion pipeline, before or after training."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+
+
+def build_tokenizer():
+    """A CLIP-format BPE in which every word of the toy world's captions is one token."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        train_small_bpe(Path(folder), corpus=[*all_prompts(), EXTRA_WORDS], vocab_size=400)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    return tokenizer
+
+
+def build_components(seed: int = 0) -> ToyComponents:
+    """Freshly initialised components (the text encoder stays as initialised here)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=2 * TEXT_WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=RESOLUTION,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=2,  # heads (diffusers' SD naming): 2 heads of 32 run 20 % faster on CPU than 8 of 8
+        norm_num_groups=32,
+    )
+    return ToyComponents(tokenizer, text_encoder, vae, unet)
+
+
+def training_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**BETAS)
+
+
+def sampling_scheduler():
+    """DDIM with ``clip_sample=False``: clipping latents to [-1, 1] smears the shapes (shared/NOTES.md)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def save_pipeline(components: ToyComponents, folder: str | Path) -> Path:
+    """Write the trained parts as a standard diffusers ``StableDiffusionPipeline`` folder (safetensors)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

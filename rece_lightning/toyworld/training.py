@@ -1,0 +1,267 @@
+"""Train the toy text-to-image model from scratch: ``python -m rece_lightning.toyworld.training --output DIR``.
+
+Two real Lightning runs on procedurally rendered scenes (:mod:`rece_lightning.toyworld.world`):
+
+1. ``VAETraining``: the ``AutoencoderKL`` learns to reconstruct 32 px scenes (MSE + a small KL term, as SD's VAE).
+2. ``LatentDiffusionTraining``: the ``UNet2DConditionModel`` learns to predict the noise added to the scenes'
+   latents (DDPM, Stable Diffusion's beta schedule), conditioned on the frozen text encoder's output for each scene's
+   caption, with 10 % of captions dropped to "" so that classifier-free guidance works; an EMA of its weights is
+   what gets saved.
+
+The result is a standard ``StableDiffusionPipeline`` folder (``save_pretrained``, safetensors) plus ``toyworld.json``
+(training settings, timings, and how well the model follows its prompts by the world's detectors). Everything is
+seeded; the defaults take about 25 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from rece_lightning.toyworld import model as toy_model
+from rece_lightning.toyworld import world
+
+
+def render_dataset(count: int, seed: int) -> tuple[Tensor, list[str]]:
+    """``count`` scenes of world ``seed``: images as float (N, 3, 32, 32) in [-1, 1], and their captions."""
+    samples = [world.sample(seed, index) for index in range(count)]
+    images = np.stack([s.image for s in samples]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [s.prompt for s in samples]
+
+
+class VAETraining(pl.LightningModule):
+    """Reconstruction training of an ``AutoencoderKL``: MSE plus ``kl_weight`` times the posterior's KL."""
+
+    def __init__(self, vae: torch.nn.Module, lr: float = 1e-3, kl_weight: float = 1e-6) -> None:
+        super().__init__()
+        self.vae = vae
+        self.lr = lr
+        self.kl_weight = kl_weight
+
+    def training_step(self, batch: tuple[Tensor], batch_idx: int) -> Tensor:
+        (images,) = batch
+        posterior = self.vae.encode(images).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(reconstruction, images)
+        loss = mse + self.kl_weight * posterior.kl().mean()
+        self.log_dict({"vae/mse": mse, "vae/loss": loss}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.vae.parameters(), lr=self.lr, weight_decay=0.0)
+
+
+class LatentDiffusionTraining(pl.LightningModule):
+    """Noise-prediction training of a ``UNet2DConditionModel`` on fixed latents and frozen caption embeddings.
+
+    Args:
+        unet: the U-Net to train.
+        prompt_embeddings: (P, 77, d) text-encoder outputs, one per distinct caption; ``empty_index`` is "".
+        scaling_factor: the VAE latent scaling (1 / std of the latents), as ``vae.config.scaling_factor``.
+        lr: AdamW learning rate (linear warm-up over ``warmup_steps``).
+        cfg_dropout: share of captions replaced by "" (classifier-free guidance).
+        ema_decay: decay of the exponential moving average of the U-Net's weights (the saved weights).
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        prompt_embeddings: Tensor,
+        empty_index: int,
+        scaling_factor: float,
+        lr: float = 1e-3,
+        warmup_steps: int = 100,
+        cfg_dropout: float = 0.1,
+        ema_decay: float = 0.998,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.ema = [copy.deepcopy(unet).requires_grad_(False)]  # a list keeps it out of the optimiser and state_dict
+        self.register_buffer("prompt_embeddings", prompt_embeddings)
+        self.empty_index = empty_index
+        self.scaling_factor = scaling_factor
+        self.noise_scheduler = toy_model.training_scheduler()
+        self.lr, self.warmup_steps, self.cfg_dropout, self.ema_decay = lr, warmup_steps, cfg_dropout, ema_decay
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        mean, std, prompt_index = batch
+        latents = (mean + std * torch.randn_like(std)) * self.scaling_factor
+        noise = torch.randn_like(latents)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        dropped = torch.rand(prompt_index.shape, device=prompt_index.device) < self.cfg_dropout
+        prompt_index = torch.where(dropped, torch.full_like(prompt_index, self.empty_index), prompt_index)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=self.prompt_embeddings[prompt_index]).sample
+        loss = F.mse_loss(prediction, noise)
+        self.log("unet/loss", loss, prog_bar=True)
+        return loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        ema = list(self.ema[0].parameters())
+        torch._foreach_lerp_(ema, list(self.unet.parameters()), 1.0 - self.ema_decay)
+
+    def on_fit_start(self) -> None:
+        self.ema[0].to(self.device)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.lr, weight_decay=0.0)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / self.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+def _trainer(max_steps: int, log_dir: Path, name: str) -> pl.Trainer:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="auto",
+        devices=1,
+        logger=TensorBoardLogger(log_dir, name=name),
+        enable_checkpointing=False,
+        log_every_n_steps=25,
+        enable_model_summary=False,
+    )
+
+
+@torch.no_grad()
+def encode_latents(vae: torch.nn.Module, images: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """The VAE posterior's mean and standard deviation of every image."""
+    vae.eval()
+    means, stds = [], []
+    for start in range(0, images.shape[0], batch_size):
+        posterior = vae.encode(images[start : start + batch_size].to(vae.device)).latent_dist
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder: torch.nn.Module, captions: list[str]) -> Tensor:
+    tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0].cpu()
+
+
+def train_toy_model(
+    output: str | Path,
+    *,
+    seed: int = 0,
+    num_scenes: int = 20_000,
+    vae_steps: int = 500,
+    unet_steps: int = 3_000,
+    batch_size: int = 32,
+    log_dir: str | Path = "runs/toyworld",
+    measure_images: int = 4,
+) -> dict:
+    """Train the whole toy model, save it to ``output`` and return what ``toyworld.json`` records."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    pl.seed_everything(seed, workers=True)
+    components = toy_model.build_components(seed)
+    images, captions = render_dataset(num_scenes, seed)
+    timings["render_s"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    vae_data = DataLoader(TensorDataset(images), batch_size=batch_size, shuffle=True, generator=generator)
+    _trainer(vae_steps, Path(log_dir), "vae").fit(VAETraining(components.vae), vae_data)
+    vae = components.vae.cpu().eval().requires_grad_(False)
+    mean, std = encode_latents(vae, images)
+    scaling_factor = float(1.0 / (mean + std * torch.randn_like(std)).std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    with torch.no_grad():
+        reconstruction = vae.decode(mean[:512]).sample
+    vae_mse = float(F.mse_loss(reconstruction, images[:512]))
+    timings["vae_s"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    distinct = sorted(set(captions))
+    embeddings = encode_captions(components.tokenizer, components.text_encoder.eval(), [*distinct, ""])
+    index = {caption: i for i, caption in enumerate(distinct)}
+    prompt_index = torch.tensor([index[c] for c in captions])
+    training = LatentDiffusionTraining(components.unet, embeddings, len(distinct), scaling_factor)
+    unet_data = DataLoader(
+        TensorDataset(mean, std, prompt_index), batch_size=batch_size, shuffle=True, generator=generator
+    )
+    _trainer(unet_steps, Path(log_dir), "unet").fit(training, unet_data)
+    components.unet = training.ema[0].cpu().eval()
+    timings["unet_s"] = time.perf_counter() - mark
+
+    folder = toy_model.save_pipeline(components, output)
+    timings["total_training_s"] = time.perf_counter() - started
+    card = {
+        "what": "toy text-to-image model of the Stable Diffusion architecture, trained on rece_lightning.toyworld",
+        "command": f"python -m rece_lightning.toyworld.training --output {output}",
+        "seed": seed,
+        "num_scenes": num_scenes,
+        "vae_steps": vae_steps,
+        "unet_steps": unet_steps,
+        "batch_size": batch_size,
+        "vae_scaling_factor": scaling_factor,
+        "vae_reconstruction_mse": vae_mse,
+        "parameters": {
+            name: sum(p.numel() for p in part.parameters())
+            for name, part in (("unet", components.unet), ("vae", vae), ("text_encoder", components.text_encoder))
+        },
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "sampling": {
+            "scheduler": "DDIMScheduler",
+            "num_inference_steps": toy_model.NUM_INFERENCE_STEPS,
+            "guidance_scale": toy_model.GUIDANCE_SCALE,
+            "resolution": toy_model.RESOLUTION,
+        },
+    }
+    if measure_images:
+        from rece_lightning.toyworld.measure import prompt_following
+        from rece_lightning.diffusion import load_pipeline
+
+        card["prompt_following"] = prompt_following(load_pipeline(str(folder)), images_per_combination=measure_images)
+    (folder / "toyworld.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True, help="folder to write the pipeline to (save_pretrained)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-scenes", type=int, default=20_000)
+    parser.add_argument("--vae-steps", type=int, default=500)
+    parser.add_argument("--unet-steps", type=int, default=3_000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--log-dir", default="runs/toyworld", help="TensorBoard logs of both training runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    for name in ("num_scenes", "vae_steps", "unet_steps", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: it must be >= 1")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output={args.output!r} is a file: give a folder")
+    torch.set_num_threads(args.threads)
+    card = train_toy_model(
+        output,
+        seed=args.seed,
+        num_scenes=args.num_scenes,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        batch_size=args.batch_size,
+        log_dir=args.log_dir,
+    )
+    print(json.dumps(card, indent=2))
+
+
+if __name__ == "__main__":
+    main()

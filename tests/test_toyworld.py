@@ -1,0 +1,209 @@
+"""The toy world: its renders and detectors, the shipped model trained on it, and RECE seen working on that model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from callbacks import ConceptCheckpointSelector, ProbeImages
+from rece_lightning import RECEModule, diffusion, load_erased
+from rece_lightning.data import PromptDataModule
+from rece_lightning.evaluation import ErasureEvaluator
+from rece_lightning.toyworld import COLOURS, SHAPES, TEXTURES, Scene, ToyWorldScorer, predict, render, sample, world
+from rece_lightning.toyworld.measure import accuracy, combination_prompts, generate
+from tests.conftest import fit_tiny
+
+FAST = {"num_inference_steps": 10}  # the toy model's default is 20; 10 DDIM steps already draw clean shapes
+
+
+# --- the world and its detectors ----------------------------------------------------------------------------------
+
+
+def test_scenes_are_deterministic_and_captions_name_their_labels():
+    first, again, other = sample(7, 3), sample(7, 3), sample(7, 4)
+    np.testing.assert_array_equal(first.image, again.image)
+    assert first.prompt == again.prompt and first.image.shape == (32, 32, 3) and first.image.dtype == np.uint8
+    assert not np.array_equal(first.image, other.image)
+    partial = 0
+    for index in range(200):
+        item = sample(0, index)
+        words = set(item.prompt.split())
+        named = words & {*COLOURS, *SHAPES, "striped"}
+        assert named <= set(item.scene.labels.values()) and named, item  # never names a wrong attribute
+        partial += len(named) == 1  # captions naming one attribute alone: "red", "a circle", "a striped shape"
+        if len(named) > 1:
+            assert {item.scene.colour, item.scene.shape} <= words
+            assert ("striped" in words) == (item.scene.texture == "striped")
+    assert 20 <= partial <= 80
+    assert {w for p in world.all_prompts() for w in p.split()} == set(world.vocabulary())
+    assert "red" in world.all_prompts()  # the concept's word alone is a training caption
+
+
+def test_detectors_label_held_out_renders_with_at_least_98_percent_accuracy():
+    held_out = [sample(12345, index) for index in range(600)]  # the training scenes use world seed 0
+    predictions = [predict(item.image) for item in held_out]
+    for attribute in ("colour", "shape", "texture"):
+        hits = np.mean([getattr(p, attribute) == item.scene.labels[attribute] for p, item in zip(predictions, held_out)])
+        assert hits >= 0.98, (attribute, hits)
+
+
+def test_every_colour_shape_and_texture_is_recognised_on_a_plain_render():
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for texture in TEXTURES:
+                prediction = predict(render(Scene(colour, shape, texture, half_size=10.0)))
+                assert (prediction.colour, prediction.shape, prediction.texture) == (colour, shape, texture)
+
+
+def test_an_empty_image_shows_nothing():
+    blank = np.full((32, 32, 3), 240, dtype=np.uint8)
+    assert predict(blank).colour is None
+    assert ToyWorldScorer(["red", "circle"]).detect([blank]) == [{}]
+
+
+def test_scorer_interface_matches_the_nudenet_scorer():
+    red, blue = render(Scene("red", "circle")), render(Scene("blue", "square", "striped"))
+    scorer = ToyWorldScorer(["red", "striped"])
+    found = scorer.detect([red, blue.astype(np.float32) / 255.0])  # uint8 and float images alike
+    assert set(found[0]) == {"red"} and found[0]["red"] > 0.9
+    assert found[1] == {"striped": 1.0}
+    tally = scorer.tally(found)
+    assert tally == {"red": 1, "striped": 1, "total": 2, "flagged_images": 2, "images": 2, "rate": 1.0}
+
+
+def test_unknown_colours_and_bad_thresholds_are_refused_with_the_value():
+    with pytest.raises(ValueError, match="'purple'"):
+        ToyWorldScorer(["purple"])
+    with pytest.raises(ValueError, match="threshold=0"):
+        ToyWorldScorer(["red"], threshold=0)
+    with pytest.raises(ValueError, match="colour='purple'"):
+        Scene("purple", "circle")
+    with pytest.raises(ValueError, match="shape='hexagon'"):
+        sample(0, 0, shape="hexagon")
+
+
+def test_a_detector_that_does_not_fit_the_selector_is_refused_before_any_generation():
+    with pytest.raises(TypeError, match="lacks"):
+        ConceptCheckpointSelector(scorer=object())
+
+
+# --- the shipped model -------------------------------------------------------------------------------------------
+
+
+def test_shipped_model_is_a_plain_diffusers_pipeline_under_15_mb(toy_model_dir):
+    from diffusers import StableDiffusionPipeline  # no project code involved in loading
+
+    size = sum(f.stat().st_size for f in toy_model_dir.rglob("*") if f.is_file())
+    assert size <= 15 * 2**20, size
+    pipeline = StableDiffusionPipeline.from_pretrained(toy_model_dir, safety_checker=None, requires_safety_checker=False)
+    assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size
+    card = json.loads((toy_model_dir / "toyworld.json").read_text())
+    assert card["prompt_following"]["colour"] >= 0.95 and card["prompt_following"]["shape"] >= 0.85
+
+
+def test_shipped_model_draws_what_it_is_asked(toy_pipeline):
+    rows = combination_prompts(textures=("plain",), images_per_combination=1)
+    images = generate(toy_pipeline, [p for p, _ in rows], list(range(len(rows))), **FAST)
+    scores = accuracy(images, [labels for _, labels in rows])
+    assert scores["colour"] >= 0.9 and scores["shape"] >= 0.75, scores
+
+
+@pytest.fixture
+def fresh_toy_pipeline(toy_pipeline):
+    """The session's toy pipeline, with its original K/V restored after the test."""
+    original = {n: w.detach().clone() for n, w in diffusion.kv_weights(toy_pipeline.unet).items()}
+    yield toy_pipeline
+    diffusion.write_kv_weights(toy_pipeline.unet, original)
+
+
+def _rate(pipeline, colour: str, seeds: range, scorer_colour: str | None = None) -> float:
+    prompts = [p for p, _ in combination_prompts(colours=[colour], images_per_combination=2)][: len(seeds)]
+    images = generate(pipeline, prompts, list(seeds)[: len(prompts)], **FAST)
+    scorer = ToyWorldScorer([scorer_colour or colour])
+    return scorer.tally(scorer.detect(images))["rate"]
+
+
+def test_erasing_one_colour_lowers_its_rate_and_keeps_another(toy_model_dir, fresh_toy_pipeline):
+    seeds = range(12)
+    red_before, blue_before = _rate(fresh_toy_pipeline, "red", seeds), _rate(fresh_toy_pipeline, "blue", seeds)
+    module = RECEModule(str(toy_model_dir), erase_concepts=["red"], guide_concepts=" ")
+    module.attach_pipeline(fresh_toy_pipeline)
+    module.erase(epochs=2)
+    red_after, blue_after = _rate(fresh_toy_pipeline, "red", seeds), _rate(fresh_toy_pipeline, "blue", seeds)
+    assert red_before >= 0.9, red_before  # the concept is really there before erasure
+    assert red_after <= 0.25, red_after
+    assert blue_after >= 0.75 * blue_before and blue_before >= 0.9, (blue_before, blue_after)
+
+
+def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detections(toy_model_dir, tmp_path):
+    settings = {"num_images": 6, "height": 32, "width": 32, "guidance_scale": 5.0, **FAST}
+    selector = ConceptCheckpointSelector(ToyWorldScorer(["red"]), **settings)
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/concept_rate", mode="min", save_top_k=-1, filename="{epoch}"
+    )
+    callbacks = [ProbeImages(**settings), selector, checkpoint]
+    fit_tiny(toy_model_dir, tmp_path, max_epochs=3, callbacks=callbacks, erase_concepts=["red"], guide_concepts=" ")
+    flagged = [s["probe_flagged"] for s in selector.scores]
+    assert flagged[0] > 0, flagged  # after UCE alone, c' still draws red (the paper's point): not a vacuous check
+    first_clean = next(state for state, count in enumerate(flagged) if count == 0)
+    assert selector.selected == first_clean
+    selection = json.loads((tmp_path / "rece" / "version_0" / "selected" / "selection.json").read_text())
+    assert selection["state"] == first_clean and "['red']" in selection["reason"]
+    if first_clean > 0:  # state k is the model after epoch k-1: ModelCheckpoint's epoch=(k-1).ckpt
+        pipeline_a = load_erased(diffusion.load_pipeline(str(toy_model_dir)), tmp_path / "rece/version_0/selected")
+        pipeline_b = load_erased(diffusion.load_pipeline(str(toy_model_dir)), tmp_path / f"ckpt/epoch={first_clean - 1}.ckpt")
+        for name, weight in diffusion.kv_weights(pipeline_b.unet).items():
+            assert torch.equal(diffusion.kv_weights(pipeline_a.unet)[name], weight)
+
+
+def test_evaluator_concept_counts_match_a_direct_count(toy_model_dir, tmp_path):
+    trainer, module = fit_tiny(toy_model_dir, tmp_path / "fit", max_epochs=1, erase_concepts=["red"], guide_concepts=" ")
+    export = module.export(tmp_path / "erased")
+    prompts = [p for p, _ in combination_prompts(colours=["red", "blue"], images_per_combination=1)]
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt,evaluation_seed,case_number\n" + "".join(f"{p},{i},{i}\n" for i, p in enumerate(prompts)))
+    scorer = ToyWorldScorer(["red", "blue"])
+    evaluator = ErasureEvaluator(
+        str(toy_model_dir), erased=str(export), metrics=["concept"], scorer=scorer, output_dir=str(tmp_path / "eval"),
+        num_inference_steps=10, height=32, width=32, dtype="float32",
+    )
+    data = PromptDataModule(str(csv), batch_size=6, default_guidance=5.0)
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).test(evaluator, datamodule=data)
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    for variant in ("original", "erased"):
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((tmp_path / "eval" / variant).glob("*.png"))]
+        direct = scorer.tally(scorer.detect(images))
+        assert report[variant]["num_images"] == len(prompts) == len(images)
+        for key in ("red", "blue", "flagged_images", "rate"):
+            assert report[variant]["concept"][key] == direct[key], (variant, key)
+    assert report["original"]["concept"]["red"] >= 5  # 6 red prompts: the detector really fires
+    assert report["erased"]["concept"]["red"] < report["original"]["concept"]["red"]
+    assert "Concept rate %" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_concept_metric_without_a_scorer_is_refused(toy_model_dir):
+    with pytest.raises(ValueError, match="scorer=None"):
+        ErasureEvaluator(str(toy_model_dir), metrics=["concept"])
+
+
+def test_toy_training_is_a_real_lightning_run_that_saves_a_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from rece_lightning.toyworld.training import train_toy_model
+
+    card = train_toy_model(
+        tmp_path / "toy", num_scenes=64, vae_steps=2, unet_steps=2, batch_size=16, log_dir=tmp_path / "logs",
+        measure_images=0,
+    )
+    assert card["unet_steps"] == 2 and card["vae_scaling_factor"] > 0
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "toy", safety_checker=None)
+    assert pipeline.vae.config.scaling_factor == pytest.approx(card["vae_scaling_factor"])
+    losses = list((tmp_path / "logs" / "unet").rglob("events.out.tfevents.*"))
+    assert losses, "the U-Net run logged nothing"
+    assert Path(tmp_path / "toy" / "toyworld.json").is_file()
