@@ -38,8 +38,10 @@ from rece_lightning.toyworld.measure import accuracy, combination_prompts, gener
 
 
 def prompt_set(colours, per_combination: int, seed: int):
+    """Prompts, seeds and labels, ordered so that every prefix covers all shape x texture combinations evenly."""
     rows = combination_prompts(colours=colours, images_per_combination=per_combination)
-    return [p for p, _ in rows], [seed + i for i in range(len(rows))], [labels for _, labels in rows]
+    order = sorted(range(len(rows)), key=lambda i: (i % per_combination, i))
+    return [rows[i][0] for i in order], [seed + i for i in order], [rows[i][1] for i in order]
 
 
 class StateMeter:
@@ -58,8 +60,8 @@ class StateMeter:
     def rate(self, images: np.ndarray) -> float:
         return self.scorer.tally(self.scorer.detect(images))["rate"]
 
-    def measure(self, derived: torch.Tensor | None, keep_images: bool = False) -> dict:
-        prompts, seeds, labels = self.concept_set
+    def measure(self, derived: torch.Tensor | None, keep_images: bool = False, images: int | None = None) -> dict:
+        prompts, seeds, labels = (column[:images] for column in self.concept_set)
         concept_images = generate(self.pipeline, prompts, seeds)
         other_prompts, other_seeds, other_labels = self.other_set
         other_images = generate(self.pipeline, other_prompts, other_seeds)
@@ -138,7 +140,12 @@ def run(args) -> dict:
         for epoch in range(args.epochs + 1):
             if epoch:
                 module.derive_and_erase(module.concepts)
-            measured = meter.measure(module.derived_embeddings()[args.concept], keep_images=reg == args.reg)
+            main_curve = reg == args.reg
+            measured = meter.measure(
+                module.derived_embeddings()[args.concept],
+                keep_images=main_curve,
+                images=None if main_curve else args.sweep_images,
+            )
             name = "uce" if epoch == 0 else f"epoch_{epoch}"
             curve[name] = _public(measured)
             if reg == args.reg:
@@ -226,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", type=float, nargs="*", default=[1e-3, 1e-2, 0.1, 1.0], help="λ values of Eq. 7")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--images", type=int, default=200, help="images of the concept's prompts per state")
+    parser.add_argument("--sweep-images", type=int, default=96, help="concept images per state for the other λ")
     parser.add_argument("--other-images-per-combination", type=int, default=4)
     parser.add_argument("--probes", type=int, default=8, help="c' probe images per state")
     parser.add_argument("--threads", type=int, default=2)
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not Path(args.model, "model_index.json").is_file():
         parser.error(f"--model={args.model!r} is not a diffusers pipeline folder (no model_index.json)")
-    for name in ("epochs", "images", "probes", "other_images_per_combination"):
+    for name in ("epochs", "images", "sweep_images", "probes", "other_images_per_combination"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: it must be >= 1")
     torch.set_num_threads(args.threads)

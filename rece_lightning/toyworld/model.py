@@ -1,8 +1,8 @@
 """The toy text-to-image model: Stable Diffusion's architecture at a size that trains on two CPU cores.
 
-``AutoencoderKL`` (32 px RGB -> 8 x 8 x 4 latents), a 2-layer ``CLIPTextModel`` of width 128 (frozen at its random
-initialisation, as the feasibility run in ``shared/NOTES.md`` did: RECE edits only the U-Net, and a fixed encoder
-makes "red" in "a red circle" the same kind of feature as CLIP's), a word-level BPE tokenizer in CLIP's format, a
+``AutoencoderKL`` (32 px RGB -> 8 x 8 x 4 latents), a 2-layer causal ``CLIPTextModel`` of width 128 (trained with
+the U-Net: a frozen random encoder of this width confused red with yellow and green with blue after the same
+training), a word-level BPE tokenizer in CLIP's format, a
 ``UNet2DConditionModel`` with cross-attention at both resolutions and in the middle block, and DDPM / DDIM schedulers
 with Stable Diffusion's beta schedule. Saved with ``save_pretrained``, it loads with
 ``StableDiffusionPipeline.from_pretrained(folder)`` like any SD checkpoint.
@@ -19,7 +19,10 @@ import torch
 from rece_lightning.diffusion import train_small_bpe
 from rece_lightning.toyworld.world import all_prompts
 
-TEXT_WIDTH = 128  # wide enough that erasing one word's 77 rows leaves room for the others
+TEXT_WIDTH = 128
+# Captions are at most 9 tokens; 16 positions (SD has 77) keep the text width well above the rows one edit touches
+# (d / T = 8 here, about 10 in SD 1.x), so erasing one word leaves room for the others, and halve the training time.
+MAX_TOKENS = 16
 # Default sampling of the toy model (its model card and the configs use these): DDIM, 20 steps, guidance 5, 32 px.
 NUM_INFERENCE_STEPS = 20
 GUIDANCE_SCALE = 5.0
@@ -39,17 +42,17 @@ class ToyComponents:
 
 
 def build_tokenizer():
-    """A CLIP-format BPE in which every word of the toy world's captions is one token."""
+    """A CLIP-format BPE in which every word of the toy world's captions is one token; pads to ``MAX_TOKENS``."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as folder:
         train_small_bpe(Path(folder), corpus=[*all_prompts(), EXTRA_WORDS], vocab_size=400)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
     return tokenizer
 
 
 def build_components(seed: int = 0) -> ToyComponents:
-    """Freshly initialised components (the text encoder stays as initialised here)."""
+    """Freshly initialised components."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -62,7 +65,7 @@ def build_components(seed: int = 0) -> ToyComponents:
             intermediate_size=2 * TEXT_WIDTH,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=77,
+            max_position_embeddings=MAX_TOKENS,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -4,9 +4,9 @@ Two real Lightning runs on procedurally rendered scenes (:mod:`rece_lightning.to
 
 1. ``VAETraining``: the ``AutoencoderKL`` learns to reconstruct 32 px scenes (MSE + a small KL term, as SD's VAE).
 2. ``LatentDiffusionTraining``: the ``UNet2DConditionModel`` learns to predict the noise added to the scenes'
-   latents (DDPM, Stable Diffusion's beta schedule), conditioned on the frozen text encoder's output for each scene's
-   caption, with 10 % of captions dropped to "" so that classifier-free guidance works; an EMA of its weights is
-   what gets saved.
+   latents (DDPM, Stable Diffusion's beta schedule), conditioned on the text encoder's output for each scene's
+   caption (the encoder trains with it), with 10 % of captions dropped to "" so that classifier-free guidance works;
+   an EMA of the weights is what gets saved.
 
 The result is a standard ``StableDiffusionPipeline`` folder (``save_pretrained``, safetensors) plus ``toyworld.json``
 (training settings, timings, and how well the model follows its prompts by the world's detectors). Everything is
@@ -62,36 +62,42 @@ class VAETraining(pl.LightningModule):
 
 
 class LatentDiffusionTraining(pl.LightningModule):
-    """Noise-prediction training of a ``UNet2DConditionModel`` on fixed latents and frozen caption embeddings.
+    """Noise-prediction training of a ``UNet2DConditionModel`` and its ``CLIPTextModel``, jointly, on fixed latents.
 
     Args:
         unet: the U-Net to train.
-        prompt_embeddings: (P, 77, d) text-encoder outputs, one per distinct caption; ``empty_index`` is "".
+        text_encoder: the text encoder, trained with it (as CLIP is pretrained for Stable Diffusion, so that a colour
+            word means that colour wherever it stands in a caption).
+        caption_ids: (P, T) token ids, one row per distinct caption; ``empty_index`` is the row of "".
         scaling_factor: the VAE latent scaling (1 / std of the latents), as ``vae.config.scaling_factor``.
-        lr: AdamW learning rate (linear warm-up over ``warmup_steps``).
+        lr: AdamW learning rate of the U-Net (linear warm-up over ``warmup_steps``); ``text_lr`` the encoder's.
         cfg_dropout: share of captions replaced by "" (classifier-free guidance).
-        ema_decay: decay of the exponential moving average of the U-Net's weights (the saved weights).
+        ema_decay: decay of the exponential moving average of the weights (what gets saved).
     """
 
     def __init__(
         self,
         unet: torch.nn.Module,
-        prompt_embeddings: Tensor,
+        text_encoder: torch.nn.Module,
+        caption_ids: Tensor,
         empty_index: int,
         scaling_factor: float,
         lr: float = 1e-3,
+        text_lr: float = 5e-4,
         warmup_steps: int = 100,
         cfg_dropout: float = 0.1,
         ema_decay: float = 0.998,
     ) -> None:
         super().__init__()
-        self.unet = unet
-        self.ema = [copy.deepcopy(unet).requires_grad_(False)]  # a list keeps it out of the optimiser and state_dict
-        self.register_buffer("prompt_embeddings", prompt_embeddings)
+        self.networks = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder.train().requires_grad_(True)})
+        # A list keeps the EMA copy out of the optimiser and the checkpoint.
+        self.ema = [copy.deepcopy(self.networks).requires_grad_(False)]
+        self.register_buffer("caption_ids", caption_ids)
         self.empty_index = empty_index
         self.scaling_factor = scaling_factor
         self.noise_scheduler = toy_model.training_scheduler()
-        self.lr, self.warmup_steps, self.cfg_dropout, self.ema_decay = lr, warmup_steps, cfg_dropout, ema_decay
+        self.lr, self.text_lr, self.warmup_steps = lr, text_lr, warmup_steps
+        self.cfg_dropout, self.ema_decay = cfg_dropout, ema_decay
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         mean, std, prompt_index = batch
@@ -102,7 +108,8 @@ class LatentDiffusionTraining(pl.LightningModule):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         dropped = torch.rand(prompt_index.shape, device=prompt_index.device) < self.cfg_dropout
         prompt_index = torch.where(dropped, torch.full_like(prompt_index, self.empty_index), prompt_index)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=self.prompt_embeddings[prompt_index]).sample
+        text = self.networks["text_encoder"](self.caption_ids[prompt_index])[0]
+        prediction = self.networks["unet"](noisy, timesteps, encoder_hidden_states=text).sample
         loss = F.mse_loss(prediction, noise)
         self.log("unet/loss", loss, prog_bar=True)
         return loss
@@ -110,13 +117,19 @@ class LatentDiffusionTraining(pl.LightningModule):
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         ema = list(self.ema[0].parameters())
-        torch._foreach_lerp_(ema, list(self.unet.parameters()), 1.0 - self.ema_decay)
+        torch._foreach_lerp_(ema, list(self.networks.parameters()), 1.0 - self.ema_decay)
 
     def on_fit_start(self) -> None:
         self.ema[0].to(self.device)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": self.networks["unet"].parameters(), "lr": self.lr},
+                {"params": self.networks["text_encoder"].parameters(), "lr": self.text_lr},
+            ],
+            weight_decay=0.0,
+        )
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / self.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
@@ -147,10 +160,10 @@ def encode_latents(vae: torch.nn.Module, images: Tensor, batch_size: int = 256) 
     return torch.cat(means), torch.cat(stds)
 
 
-@torch.no_grad()
-def encode_captions(tokenizer, text_encoder: torch.nn.Module, captions: list[str]) -> Tensor:
+def tokenize_captions(tokenizer, captions: list[str]) -> Tensor:
+    """(P, T) token ids, padded to the tokenizer's length as the pipeline pads them."""
     tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0].cpu()
+    return tokens.input_ids
 
 
 def train_toy_model(
@@ -187,15 +200,18 @@ def train_toy_model(
 
     mark = time.perf_counter()
     distinct = sorted(set(captions))
-    embeddings = encode_captions(components.tokenizer, components.text_encoder.eval(), [*distinct, ""])
+    caption_ids = tokenize_captions(components.tokenizer, [*distinct, ""])
     index = {caption: i for i, caption in enumerate(distinct)}
     prompt_index = torch.tensor([index[c] for c in captions])
-    training = LatentDiffusionTraining(components.unet, embeddings, len(distinct), scaling_factor)
+    training = LatentDiffusionTraining(
+        components.unet, components.text_encoder, caption_ids, len(distinct), scaling_factor
+    )
     unet_data = DataLoader(
         TensorDataset(mean, std, prompt_index), batch_size=batch_size, shuffle=True, generator=generator
     )
     _trainer(unet_steps, Path(log_dir), "unet").fit(training, unet_data)
-    components.unet = training.ema[0].cpu().eval()
+    trained = training.ema[0].cpu().eval()
+    components.unet, components.text_encoder = trained["unet"], trained["text_encoder"]
     timings["unet_s"] = time.perf_counter() - mark
 
     folder = toy_model.save_pipeline(components, output)
