@@ -194,22 +194,32 @@ def _figure(grid: dict, report: dict, args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(grid)
-    rows = [np.concatenate([*grid[n]["_probes"], np.full((32, 4, 3), 255, np.uint8), *grid[n]["_prompt"]], axis=1)
-            for n in names]
+    rows = [
+        np.concatenate([*grid[n]["_probes"], np.full((32, 4, 3), 255, np.uint8), *grid[n]["_prompt"]], axis=1)
+        for n in names
+    ]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 6.5), gridspec_kw={"width_ratios": [1.1, 1]})
     left.imshow(np.concatenate(rows, axis=0), interpolation="nearest")
     left.set_yticks([16 + 32 * i for i in range(len(names))], names)
     half = len(grid[names[0]]["_probes"]) * 32
-    left.set_xticks([half / 2, half + 4 + half / 2], [f"c' probes (seeds 0-{args.probes - 1})", "prompts with the concept"])
+    left.set_xticks(
+        [half / 2, half + 4 + half / 2], [f"c' probes (seeds 0-{args.probes - 1})", "prompts with the concept"]
+    )
     left.set_title(f"Erasing '{args.concept}' (guide {args.guide!r}, λ={args.reg:g})")
     for reg, curve in report["sweep"].items():
         epochs = list(range(len(curve)))
         right.plot(epochs, [c["concept_rate_probes"] for c in curve.values()], marker="o", label=f"c' probes, λ={reg}")
         if float(reg) == args.reg:
-            right.plot(epochs, [c["concept_rate_prompts"] for c in curve.values()], "k--", marker="s",
-                       label="concept prompts")
-            right.plot(epochs, [c["other_colour_accuracy"] for c in curve.values()], "g:", marker="^",
-                       label="other colours' accuracy")
+            right.plot(
+                epochs, [c["concept_rate_prompts"] for c in curve.values()], "k--", marker="s", label="concept prompts"
+            )
+            right.plot(
+                epochs,
+                [c["other_colour_accuracy"] for c in curve.values()],
+                "g:",
+                marker="^",
+                label="other colours' accuracy",
+            )
     right.axhline(report["states"]["original"]["concept_rate_prompts"], color="grey", lw=0.8)
     right.set_xlabel("state (0 = after UCE, k = after k RECE epochs)")
     right.set_ylabel(f"share of images showing '{args.concept}' / accuracy")

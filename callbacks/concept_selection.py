@@ -24,7 +24,6 @@ from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, Detector, NuditySc
 from rece_lightning.evaluation.scoring import ImageScorer, check_scorer
 from rece_lightning.export import save_erased
 
-
 SELECT_ON = ("probes", "validation", "both")
 
 

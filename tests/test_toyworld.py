@@ -49,7 +49,9 @@ def test_detectors_label_held_out_renders_with_at_least_98_percent_accuracy():
     held_out = [sample(12345, index) for index in range(600)]  # the training scenes use world seed 0
     predictions = [predict(item.image) for item in held_out]
     for attribute in ("colour", "shape", "texture"):
-        hits = np.mean([getattr(p, attribute) == item.scene.labels[attribute] for p, item in zip(predictions, held_out)])
+        hits = np.mean(
+            [getattr(p, attribute) == item.scene.labels[attribute] for p, item in zip(predictions, held_out)]
+        )
         assert hits >= 0.98, (attribute, hits)
 
 
@@ -101,7 +103,9 @@ def test_shipped_model_is_a_plain_diffusers_pipeline_under_15_mb(toy_model_dir):
 
     size = sum(f.stat().st_size for f in toy_model_dir.rglob("*") if f.is_file())
     assert size <= 15 * 2**20, size
-    pipeline = StableDiffusionPipeline.from_pretrained(toy_model_dir, safety_checker=None, requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        toy_model_dir, safety_checker=None, requires_safety_checker=False
+    )
     assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size
     card = json.loads((toy_model_dir / "toyworld.json").read_text())
     # Regression guard on the card's own figures (the target is colour >= 0.95; this model measures 0.948).
@@ -156,7 +160,10 @@ def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detection
     direct = ToyWorldScorer(["red"])  # the selector's counts are the detector's on the probe PNGs
     for state, count in enumerate(flagged):
         pngs = sorted((tmp_path / "rece/version_0/probes" / f"state_{state:02d}").glob("red_derived_*.png"))
-        assert direct.tally(direct.detect([np.asarray(Image.open(p).convert("RGB")) for p in pngs]))["flagged_images"] == count
+        assert (
+            direct.tally(direct.detect([np.asarray(Image.open(p).convert("RGB")) for p in pngs]))["flagged_images"]
+            == count
+        )
     clean = [state for state, count in enumerate(flagged) if count == 0]
     selection = json.loads((tmp_path / "rece" / "version_0" / "selected" / "selection.json").read_text())
     if clean:  # the first clean state wins
@@ -168,21 +175,32 @@ def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detection
     assert selection["state"] == first_clean
     if first_clean > 0:  # state k is the model after epoch k-1: ModelCheckpoint's epoch=(k-1).ckpt
         pipeline_a = load_erased(diffusion.load_pipeline(str(toy_model_dir)), tmp_path / "rece/version_0/selected")
-        pipeline_b = load_erased(diffusion.load_pipeline(str(toy_model_dir)), tmp_path / f"ckpt/epoch={first_clean - 1}.ckpt")
+        pipeline_b = load_erased(
+            diffusion.load_pipeline(str(toy_model_dir)), tmp_path / f"ckpt/epoch={first_clean - 1}.ckpt"
+        )
         for name, weight in diffusion.kv_weights(pipeline_b.unet).items():
             assert torch.equal(diffusion.kv_weights(pipeline_a.unet)[name], weight)
 
 
 def test_evaluator_concept_counts_match_a_direct_count(toy_model_dir, tmp_path):
-    trainer, module = fit_tiny(toy_model_dir, tmp_path / "fit", max_epochs=1, erase_concepts=["red"], guide_concepts=" ")
+    trainer, module = fit_tiny(
+        toy_model_dir, tmp_path / "fit", max_epochs=1, erase_concepts=["red"], guide_concepts=" "
+    )
     export = module.export(tmp_path / "erased")
     prompts = [p for p, _ in combination_prompts(colours=["red", "blue"], images_per_combination=1)]
     csv = tmp_path / "prompts.csv"
     csv.write_text("prompt,evaluation_seed,case_number\n" + "".join(f"{p},{i},{i}\n" for i, p in enumerate(prompts)))
     scorer = ToyWorldScorer(["red", "blue"])
     evaluator = ErasureEvaluator(
-        str(toy_model_dir), erased=str(export), metrics=["concept"], scorer=scorer, output_dir=str(tmp_path / "eval"),
-        num_inference_steps=10, height=32, width=32, dtype="float32",
+        str(toy_model_dir),
+        erased=str(export),
+        metrics=["concept"],
+        scorer=scorer,
+        output_dir=str(tmp_path / "eval"),
+        num_inference_steps=10,
+        height=32,
+        width=32,
+        dtype="float32",
     )
     data = PromptDataModule(str(csv), batch_size=6, default_guidance=5.0)
     pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).test(evaluator, datamodule=data)
@@ -209,7 +227,12 @@ def test_toy_training_is_a_real_lightning_run_that_saves_a_loadable_pipeline(tmp
     from rece_lightning.toyworld.training import train_toy_model
 
     card = train_toy_model(
-        tmp_path / "toy", num_scenes=64, vae_steps=2, unet_steps=2, batch_size=16, log_dir=tmp_path / "logs",
+        tmp_path / "toy",
+        num_scenes=64,
+        vae_steps=2,
+        unet_steps=2,
+        batch_size=16,
+        log_dir=tmp_path / "logs",
         measure_images=0,
     )
     assert card["unet_steps"] == 2 and card["vae_scaling_factor"] > 0
@@ -226,7 +249,13 @@ def test_toy_config_is_the_offline_main_command(toy_model_dir, tmp_path, monkeyp
     config = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
     monkeypatch.chdir(tmp_path)
     cli = cli_main(
-        ["fit", "--config", str(config), f"--model.pretrained_model_name_or_path={toy_model_dir}", "--trainer.max_epochs=2"]
+        [
+            "fit",
+            "--config",
+            str(config),
+            f"--model.pretrained_model_name_or_path={toy_model_dir}",
+            "--trainer.max_epochs=2",
+        ]
     )
     assert cli.model.rece_epochs_done == 2
     selection = json.loads(next(tmp_path.glob("runs/toy/red/version_*/selected/selection.json")).read_text())
@@ -240,5 +269,7 @@ def test_a_toy_config_pointed_at_a_missing_model_folder_stops_before_loading(tmp
 
     config = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
     missing = tmp_path / "no-such-model"
-    with pytest.raises((FileNotFoundError, ValueError), match="no-such-model.*no model_index.json"):  # jsonargparse wraps it
+    with pytest.raises(
+        (FileNotFoundError, ValueError), match="no-such-model.*no model_index.json"
+    ):  # jsonargparse wraps it
         cli_main(["--config", str(config), f"--model.pretrained_model_name_or_path={missing}"], run=False)

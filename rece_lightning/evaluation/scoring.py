@@ -39,6 +39,15 @@ class ImageScorer(ABC):
         }
 
 
+def check_classes(classes: Iterable[str], known: Iterable[str], detector: str) -> tuple[str, ...]:
+    """Refuse an empty class list or classes ``detector`` does not know, naming them and the known ones."""
+    classes, known = tuple(classes), sorted(known)
+    unknown = [c for c in classes if c not in known]
+    if unknown or not classes:
+        raise ValueError(f"classes={list(classes)!r} is not allowed: choose from {detector}'s {known}")
+    return classes
+
+
 def check_scorer(scorer: object, owner: str) -> ImageScorer:
     """Refuse an object that cannot score images the way ``owner`` needs, before any image is generated."""
     if isinstance(scorer, ImageScorer):

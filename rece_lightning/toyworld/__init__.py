@@ -3,4 +3,15 @@
 from rece_lightning.toyworld.detectors import CLASSES, ToyWorldScorer, predict
 from rece_lightning.toyworld.world import COLOURS, SHAPES, TEMPLATES, TEXTURES, Scene, render, sample
 
-__all__ = ["CLASSES", "COLOURS", "SHAPES", "TEMPLATES", "TEXTURES", "Scene", "ToyWorldScorer", "predict", "render", "sample"]
+__all__ = [
+    "CLASSES",
+    "COLOURS",
+    "SHAPES",
+    "TEMPLATES",
+    "TEXTURES",
+    "Scene",
+    "ToyWorldScorer",
+    "predict",
+    "render",
+    "sample",
+]

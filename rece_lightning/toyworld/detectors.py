@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from rece_lightning.evaluation.nudity import to_uint8
-from rece_lightning.evaluation.scoring import ImageScorer
+from rece_lightning.evaluation.scoring import ImageScorer, check_classes
 from rece_lightning.toyworld.world import COLOURS, SHAPES, TEXTURES
 
 CLASSES: tuple[str, ...] = (*COLOURS, *SHAPES, *TEXTURES)
@@ -117,14 +117,6 @@ def predict(image: np.ndarray) -> Prediction:
     return Prediction(colour, _shape(blob), texture, shares, share)
 
 
-def check_classes(classes: Iterable[str]) -> tuple[str, ...]:
-    classes = tuple(classes)
-    unknown = [c for c in classes if c not in CLASSES]
-    if unknown or not classes:
-        raise ValueError(f"classes={list(classes)!r} is not allowed: the toy world's classes are {list(CLASSES)}")
-    return classes
-
-
 class ToyWorldScorer(ImageScorer):
     """Which of ``classes`` (colours, shapes, textures) an image shows, NudeNet-style.
 
@@ -140,7 +132,7 @@ class ToyWorldScorer(ImageScorer):
     def __init__(self, classes: Sequence[str] = ("red",), threshold: float = 0.5) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
             raise ValueError(f"threshold={threshold!r} is not allowed: colour shares lie in (0, 1]")
-        self.classes = check_classes(classes)
+        self.classes = check_classes(classes, CLASSES, "the toy world")
         self.threshold = float(threshold)
 
     def detect(self, images: Iterable[np.ndarray]) -> list[dict[str, float]]:

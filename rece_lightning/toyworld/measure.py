@@ -30,9 +30,7 @@ def generate(
     images = []
     for start in range(0, count, batch_size):
         chunk = slice(start, min(start + batch_size, count))
-        inputs = (
-            {"prompt": list(prompts[chunk])} if prompt_embeds is None else {"prompt_embeds": prompt_embeds[chunk]}
-        )
+        inputs = {"prompt": list(prompts[chunk])} if prompt_embeds is None else {"prompt_embeds": prompt_embeds[chunk]}
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[chunk]]
         images.append(
             pipeline(
@@ -47,7 +45,9 @@ def generate(
 
 
 def combination_prompts(
-    colours: Sequence[str] = tuple(COLOURS), shapes: Sequence[str] = SHAPES, textures: Sequence[str] = TEXTURES,
+    colours: Sequence[str] = tuple(COLOURS),
+    shapes: Sequence[str] = SHAPES,
+    textures: Sequence[str] = TEXTURES,
     images_per_combination: int = 4,
 ) -> list[tuple[str, dict[str, str]]]:
     """(prompt, labels) for every colour x shape x texture, templates taken in turn."""
@@ -60,26 +60,35 @@ def combination_prompts(
     return rows
 
 
+def _hits(images: np.ndarray, labels: Sequence[dict[str, str]]) -> dict[str, np.ndarray]:
+    """Per attribute, whether each image's detected value is the prompted one (each image detected once)."""
+    predictions = [predict(image) for image in images]
+    return {
+        attribute: np.array(
+            [getattr(p, attribute) == label[attribute] for p, label in zip(predictions, labels, strict=True)]
+        )
+        for attribute in ("colour", "shape", "texture")
+    }
+
+
+def _share(hits: np.ndarray) -> float:
+    return float(hits.mean()) if hits.size else float("nan")
+
+
 def accuracy(images: np.ndarray, labels: Sequence[dict[str, str]]) -> dict[str, float]:
     """Share of images whose detected colour / shape / texture is the prompted one."""
-    predictions = [predict(image) for image in images]
-    result = {}
-    for attribute in ("colour", "shape", "texture"):
-        hits = [getattr(p, attribute) == label[attribute] for p, label in zip(predictions, labels, strict=True)]
-        result[attribute] = float(np.mean(hits)) if hits else float("nan")
-    return result
+    return {attribute: _share(hits) for attribute, hits in _hits(images, labels).items()}
 
 
 def prompt_following(pipeline, images_per_combination: int = 4, seed: int = 1000, **sampling) -> dict:
     """Colour, shape and texture accuracy over every combination of the world's attributes (default sampler)."""
     rows = combination_prompts(images_per_combination=images_per_combination)
     images = generate(pipeline, [p for p, _ in rows], [seed + i for i in range(len(rows))], **sampling)
-    result = accuracy(images, [labels for _, labels in rows])
-    per_colour = {}
-    for colour in COLOURS:
-        mine = [i for i, (_, labels) in enumerate(rows) if labels["colour"] == colour]
-        per_colour[colour] = accuracy(images[mine], [rows[i][1] for i in mine])["colour"]
-    return {"images": len(rows), **result, "colour_by_colour": per_colour}
+    labels = [labels for _, labels in rows]
+    hits = _hits(images, labels)
+    colours = np.array([label["colour"] for label in labels])
+    per_colour = {colour: _share(hits["colour"][colours == colour]) for colour in COLOURS}
+    return {"images": len(rows), **{a: _share(h) for a, h in hits.items()}, "colour_by_colour": per_colour}
 
 
 def write_prompt_csv(path, images_per_combination: int = 4, seed: int = 0) -> None:

@@ -241,8 +241,8 @@ def train_toy_model(
         },
     }
     if measure_images:
-        from rece_lightning.toyworld.measure import prompt_following
         from rece_lightning.diffusion import load_pipeline
+        from rece_lightning.toyworld.measure import prompt_following
 
         card["prompt_following"] = prompt_following(load_pipeline(str(folder)), images_per_combination=measure_images)
     (folder / "toyworld.json").write_text(json.dumps(card, indent=2) + "\n")

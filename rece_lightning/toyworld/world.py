@@ -70,7 +70,7 @@ class Scene:
 
 
 def object_phrase(colour: str, shape: str, texture: str, texture_word: bool = False) -> str:
-    """"red circle", "striped red circle", and "plain red circle" where the plain texture is named."""
+    """ "red circle", "striped red circle", and "plain red circle" where the plain texture is named."""
     prefix = "striped " if texture == "striped" else ("plain " if texture_word else "")
     return f"{prefix}{colour} {shape}"
 
@@ -90,8 +90,9 @@ def partial_caption(scene: Scene, kind: str, article: bool) -> str:
     return f"a {word}" if kind == "shape" else f"a {word} shape"
 
 
-def sample_scene(rng: np.random.Generator, colour: str | None = None, shape: str | None = None,
-                 texture: str | None = None) -> Scene:
+def sample_scene(
+    rng: np.random.Generator, colour: str | None = None, shape: str | None = None, texture: str | None = None
+) -> Scene:
     """A random scene; attributes left as None are drawn uniformly."""
     half = float(rng.uniform(6.0, 11.0))
     margin = half + 1.0
