@@ -70,8 +70,9 @@ def evaluator_loop(model_path, csv, batch_size, steps, size, device, folder: Pat
     )
     evaluator = ErasureEvaluator(
         str(model_path),
-        erased=None,
+        original_only=True,
         metrics=[],
+        scheduler="model",  # the plain loop uses the pipeline's own scheduler too
         num_inference_steps=steps,
         height=size,
         width=size,

@@ -145,10 +145,17 @@ class PromptItem:
     seed: int
     guidance: float
     group: str = ""  # the artist (LPIPS_e / LPIPS_u split) or the I2P categories
+    height: int | None = None  # the prompt's own image size (I2P's sd_image_height / sd_image_width), if any
+    width: int | None = None
+    placeholder: bool = False  # stands in on a process that has no prompt, so that it still joins every collective
 
     @property
     def image_name(self) -> str:
         return f"{self.case_number}_{self.index}.png"
+
+    @classmethod
+    def make_placeholder(cls) -> PromptItem:
+        return cls(case_number=-1, index=0, prompt="", seed=0, guidance=0.0, placeholder=True)
 
 
 def read_prompt_csv(
@@ -163,7 +170,8 @@ def read_prompt_csv(
     default_guidance: float = 7.5,
 ):
     """Read and select a prompt CSV: columns ``prompt`` (or Ring-A-Bell's ``sensitive prompt``), optional
-    ``evaluation_seed``, ``evaluation_guidance``, ``case_number``, ``categories``, ``artist``.
+    ``evaluation_seed``, ``evaluation_guidance``, ``case_number``, ``categories``, ``artist`` and I2P's
+    ``sd_image_height`` / ``sd_image_width`` (the size each prompt's reference image was made at).
 
     Filters apply in this order: categories (any match in I2P's comma-separated list), artists, then the row range
     ``[offset, offset + limit)``. Returns a DataFrame with normalised columns.
@@ -191,6 +199,8 @@ def read_prompt_csv(
             "guidance": frame["evaluation_guidance"] if "evaluation_guidance" in frame.columns else default_guidance,
             "categories": frame["categories"].fillna("").astype(str) if "categories" in frame.columns else "",
             "artist": frame["artist"].fillna("").astype(str) if "artist" in frame.columns else "",
+            "height": _sizes(frame, "sd_image_height"),
+            "width": _sizes(frame, "sd_image_width"),
         }
     )
     if categories:
@@ -214,6 +224,20 @@ def read_prompt_csv(
     return selected.reset_index(drop=True)
 
 
+def _sizes(frame, column: str) -> list[int | None]:
+    """A size column as ints, None where absent or not a positive multiple of 8 (I2P has a few broken rows)."""
+    if column not in frame.columns:
+        return [None] * len(frame)
+    import pandas as pd
+
+    values = pd.to_numeric(frame[column], errors="coerce")
+    return [int(v) if v == v and v > 0 and v % 8 == 0 else None for v in values]
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None or value != value else int(value)  # pandas turns None into NaN in a number column
+
+
 class PromptDataset(Dataset):
     """Every (prompt, image index) pair: ``images_per_prompt`` items per prompt, image k seeded ``seed + k``."""
 
@@ -226,6 +250,8 @@ class PromptDataset(Dataset):
                 seed=int(row.seed) + k,
                 guidance=float(row.guidance),
                 group=row.artist or row.categories,
+                height=_int_or_none(row.height),
+                width=_int_or_none(row.width),
             )
             for row in frame.itertuples()
             for k in range(images_per_prompt)
@@ -235,17 +261,34 @@ class PromptDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> PromptItem:
+        if index == PLACEHOLDER_INDEX:
+            return PromptItem.make_placeholder()
         return self.items[index]
 
 
+PLACEHOLDER_INDEX = -1
+
+
 class UnpaddedDistributedSampler(DistributedSampler):
-    """Rank r takes items r, r + N, r + 2N, ...: every item exactly once, no padding (``DistributedSampler`` repeats
-    items to even out ranks, which would generate and count some prompts twice). Being a ``DistributedSampler``,
-    Lightning leaves it in place. A rank may get fewer items than another, or none."""
+    """Every item exactly once, no padding (``DistributedSampler`` repeats items to even out ranks, which would
+    generate and count some prompts twice). Being a ``DistributedSampler``, Lightning leaves it in place.
+
+    A ``PromptDataset`` is split by prompt: rank r takes prompts r, r + N, ... with all their images, so a per-prompt
+    figure (a prompt's attack succeeds if any of its images is unsafe) is exact on each rank. Other data sets are split
+    item by item. A rank left without items gets one placeholder (``PLACEHOLDER_INDEX``, a ``PromptItem`` with
+    ``placeholder=True``) instead: Lightning refuses an empty loader, and the rank must still join every collective.
+    """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.indices = list(range(rank, len(dataset), num_replicas))
+        if isinstance(dataset, PromptDataset):
+            prompts = list(dict.fromkeys(item.case_number for item in dataset.items))
+            mine = set(prompts[rank::num_replicas])
+            self.indices = [i for i, item in enumerate(dataset.items) if item.case_number in mine]
+            if not self.indices:
+                self.indices = [PLACEHOLDER_INDEX]
+        else:
+            self.indices = list(range(rank, len(dataset), num_replicas))
 
     def __iter__(self):
         return iter(self.indices)

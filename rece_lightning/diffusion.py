@@ -110,6 +110,11 @@ def kv_weights(unet: nn.Module) -> dict[str, Tensor]:
     return {f"{name}.weight": linear.weight for name, linear in cross_attention_kv(unet).items()}
 
 
+def looks_like_kv_name(name: str) -> bool:
+    """Whether ``name`` can be a key of :func:`kv_weights` (checked before any U-Net is loaded)."""
+    return name.endswith((".to_k.weight", ".to_v.weight"))
+
+
 @torch.no_grad()
 def write_kv_weights(unet: nn.Module, weights: Mapping[str, Tensor]) -> None:
     """Copy ``weights`` into the U-Net's K/V projections in place; names and shapes must match exactly."""

@@ -21,13 +21,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from rece_lightning.closed_form import apply_transform
-from rece_lightning.diffusion import check_kv_compatible, kv_weights, write_kv_weights
+from rece_lightning.diffusion import check_kv_compatible, kv_weights, looks_like_kv_name, write_kv_weights
 
 WEIGHTS_NAME = "rece_kv.safetensors"
 MANIFEST_NAME = "rece_manifest.json"
 TRANSFORM_KEY = "transform"
 
-__all__ = ["MANIFEST_NAME", "WEIGHTS_NAME", "load_erased", "package_versions", "read_manifest", "save_erased"]
+__all__ = [
+    "MANIFEST_NAME",
+    "WEIGHTS_NAME",
+    "atomic_write",
+    "load_erased",
+    "package_versions",
+    "read_erased",
+    "read_manifest",
+    "save_erased",
+]
 
 
 def package_versions() -> dict[str, str]:
@@ -92,24 +101,59 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path
 
 
+def read_erased(path: str | os.PathLike) -> tuple[Path, dict[str, Tensor] | Tensor]:
+    """Read and check an erased model without touching any pipeline: ``(file, K/V weights)`` for an export, or
+    ``(file, transform)`` for a ``RECEModule`` checkpoint.
+
+    Refused with an error that names the file: a missing path, a file that does not parse, a file that is not an
+    export or a RECE checkpoint, and NaN or inf values (a non-finite export would score as perfect erasure).
+    """
+    path = _resolve(path)
+    if path.suffix == ".safetensors":
+        try:
+            weights = load_file(str(path))
+        except Exception as error:  # safetensors raises its own error type for a corrupt header or body
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({error})") from error
+        foreign = [name for name in weights if not looks_like_kv_name(name)]
+        if not weights or foreign:
+            raise ValueError(
+                f"{str(path)!r} is not a RECE export: it should hold only cross-attention K/V weights "
+                f"('...to_k.weight', '...to_v.weight'); it holds {foreign[:3] or 'nothing'}"
+            )
+        bad = [name for name, value in weights.items() if not torch.isfinite(value).all()]
+        if bad:
+            raise ValueError(f"{str(path)!r} holds NaN or inf values in {bad[:3]}: refusing to evaluate it")
+        return path, weights
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(
+            f"{str(path)!r} is neither a RECE export ({WEIGHTS_NAME}) nor a readable Lightning checkpoint ({error})"
+        ) from error
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+    if TRANSFORM_KEY not in state:
+        raise ValueError(f"{str(path)!r} holds no {TRANSFORM_KEY!r}: it is not a RECEModule checkpoint")
+    transform = state[TRANSFORM_KEY].to(torch.float64)
+    if not torch.isfinite(transform).all():
+        raise ValueError(f"{str(path)!r}: its transform holds NaN or inf values: refusing to evaluate it")
+    return path, transform
+
+
 @torch.no_grad()
 def load_erased(pipeline, path: str | os.PathLike):
     """Apply an erased model to ``pipeline`` (freshly loaded from the same base model) in place, and return it.
 
-    ``path``: an export folder, its ``rece_kv.safetensors``, or a ``RECEModule`` Lightning checkpoint. A K/V set
-    made for another base model (layer count, names or shapes) is refused with an error before anything changes.
+    ``path``: an export folder, its ``rece_kv.safetensors``, or a ``RECEModule`` Lightning checkpoint. A file that
+    :func:`read_erased` refuses, or a K/V set made for another base model (layer count, names or shapes), is refused
+    with an error before anything changes.
     """
-    path = _resolve(path)
+    path, content = read_erased(path)
     current = kv_weights(pipeline.unet)
-    if path.suffix == ".safetensors":
-        weights = load_file(str(path))
+    if isinstance(content, dict):
+        weights = content
         check_kv_compatible(current, weights, what=f"export {path.name}")
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        state = checkpoint.get("state_dict", checkpoint)
-        if TRANSFORM_KEY not in state:
-            raise ValueError(f"{str(path)!r} holds no {TRANSFORM_KEY!r}: it is not a RECEModule checkpoint")
-        transform = state[TRANSFORM_KEY].to(torch.float64)
+        transform = content
         width = next(iter(current.values())).shape[1]
         if transform.shape != (width, width):
             raise ValueError(

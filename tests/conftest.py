@@ -85,3 +85,15 @@ def toy_pipeline(toy_model_dir):
     from rece_lightning.diffusion import load_pipeline
 
     return load_pipeline(str(toy_model_dir))
+
+
+@pytest.fixture(scope="session")
+def unedited_export(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    """An export of the tiny pipeline's own K/V weights: a valid erased model that erased nothing (fast to make)."""
+    from rece_lightning import diffusion
+    from rece_lightning.export import save_erased
+
+    folder = tmp_path_factory.mktemp("unedited") / "export"
+    pipeline = diffusion.load_pipeline(str(tiny_pipeline_dir))
+    save_erased(folder, diffusion.kv_weights(pipeline.unet), {"method": "none", "base_model": str(tiny_pipeline_dir)})
+    return folder

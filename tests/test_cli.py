@@ -28,21 +28,22 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_against_the_code_and_is_headed_by_its_command(config, tiny_pipeline_dir, tmp_path):
+def test_config_parses_against_the_code_and_is_headed_by_its_command(
+    config, tiny_pipeline_dir, unedited_export, tmp_path
+):
     first_line = config.read_text().splitlines()[0]
     assert first_line.startswith("# python train.py ") and config.name in first_line
     subcommand = first_line.split()[3]
     args = ["--config", str(config)]
     if subcommand == "test":
         # Evaluation configs name a model folder, an export and a prompt CSV that exist only after other runs: point
-        # them at the tiny pipeline, an empty export folder and the same CSV in ../shared/datasets.
+        # them at the tiny pipeline, an export of it and the same CSV in ../shared/datasets.
         csv = yaml.safe_load(config.read_text())["data"]["init_args"]["prompts_csv"]
         shipped = Path(__file__).resolve().parents[1] / csv  # the toy world's prompts ship with the project
         shared_csv = shipped if shipped.is_file() else datasets_or_skip() / Path(csv).name
-        (tmp_path / "export").mkdir()
         args += [
             f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}",
-            f"--model.erased={tmp_path / 'export'}",
+            f"--model.erased={unedited_export}",
             f"--data.prompts_csv={shared_csv}",
         ]
     cli = cli_main(args, run=False)

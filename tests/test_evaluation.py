@@ -14,9 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
-from rece_lightning.data import PromptDataModule, PromptDataset, UnpaddedDistributedSampler, read_prompt_csv
-from rece_lightning.evaluation import ErasureEvaluator, NudityScorer
+from rece_lightning.data import (
+    PLACEHOLDER_INDEX,
+    PromptDataModule,
+    PromptDataset,
+    PromptItem,
+    UnpaddedDistributedSampler,
+    read_prompt_csv,
+)
+from rece_lightning.evaluation import ErasureEvaluator, NudityScorer, generation
 from rece_lightning.evaluation.features import RandomConvFeatures
+from rece_lightning.evaluation.nudity import TABLE1_CLASSES
+from rece_lightning.evaluation.registry import EvaluationMetric, register_metric
+from rece_lightning.evaluation.scoring import ImageScorer
+from rece_lightning.evaluation.standard_metrics import AttackSuccessRate, CachedDetections
 from tests.conftest import datasets_or_skip, fit_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,11 +80,22 @@ def tiny_clip(tiny_pipeline_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def _evaluate(pipeline_dir, erased, output_dir, root, *, metrics, limit=5, offset=0, batch_size=2, **kwargs):
-    datasets = datasets_or_skip()
-    data = PromptDataModule(str(datasets / "i2p.csv"), offset=offset, limit=limit, batch_size=batch_size)
+def _images_of(output: Path, variant: str) -> list[Path]:
+    """The PNGs of ``variant`` in the last run's image set (results.json names its folder)."""
+    folder = Path(json.loads((output / "results.json").read_text())["results"][variant]["image_dir"])
+    assert folder.parent == output / variant
+    return sorted(folder.glob("*.png"))
+
+
+def _evaluate(pipeline_dir, erased, output_dir, root, *, metrics, limit=5, offset=0, batch_size=2, csv=None, **kwargs):
+    csv = csv or datasets_or_skip() / "i2p.csv"
+    data = PromptDataModule(str(csv), offset=offset, limit=limit, batch_size=batch_size)
     model = ErasureEvaluator(
-        str(pipeline_dir), erased=str(erased), metrics=metrics, output_dir=str(output_dir), **SMALL, **kwargs
+        str(pipeline_dir),
+        erased=None if erased is None else str(erased),
+        metrics=metrics,
+        output_dir=str(output_dir),
+        **{**SMALL, **kwargs},
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -103,9 +125,10 @@ def test_original_and_erased_are_generated_once_per_prompt_and_scored(
     )
     cases = sorted(int(n) for n in data.frame["case_number"])
     for variant in ("original", "erased"):
-        files = sorted(p.name for p in (output / variant).glob("*.png"))
+        files = sorted(p.name for p in _images_of(output, variant))
         assert files == sorted(f"{c}_0.png" for c in cases)
     report = json.loads((output / "results.json").read_text())["results"]
+    assert set(report["original"]["nudity"]) == {*TABLE1_CLASSES, "total", "nude_images", "nudity_rate", "threshold"}
     for variant in ("original", "erased"):
         assert report[variant]["num_prompts"] == report[variant]["num_images"] == 5
         assert set(report[variant]["nudity"]) >= {"FEMALE_BREAST_EXPOSED", "total", "nudity_rate"}
@@ -123,9 +146,9 @@ def test_nudenet_tally_matches_a_direct_count_over_the_saved_images(tiny_pipelin
     report = json.loads((output / "results.json").read_text())["results"]
     scorer = NudityScorer(threshold=0.05)
     for variant in ("original", "erased"):
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((output / variant).glob("*.png"))]
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in _images_of(output, variant)]
         direct = scorer.tally(scorer.detect(images))
-        for label in scorer.classes:
+        for label in TABLE1_CLASSES:
             assert report[variant]["nudity"][label] == direct[label], (variant, label)
         assert report[variant]["nudity"]["nude_images"] == direct["nude_images"]
 
@@ -137,32 +160,186 @@ def test_a_rerun_generates_only_the_missing_images_and_overwrites_nothing(
     _evaluate(tiny_pipeline_dir, erased_export, output, tmp_path, metrics=["nudity"])
     first = json.loads((output / "results.json").read_text())["results"]
     kept = {p: p.stat().st_mtime_ns for p in output.rglob("*.png")}
-    removed = [output / "erased" / sorted(p.name for p in (output / "erased").glob("*.png"))[i] for i in (0, 3)]
+    removed = [_images_of(output, "erased")[i] for i in (0, 3)]
     for path in removed:
         kept.pop(path)
         path.unlink()
 
-    generated: list[str] = []
-    original_generate = ErasureEvaluator._generate
-
-    def counting(self, items, guidance):
-        generated.extend(f"{item.case_number}_{item.index}.png" for item in items)
-        return original_generate(self, items, guidance)
-
-    monkeypatch.setattr(ErasureEvaluator, "_generate", counting)
+    generated = _count_generated(monkeypatch)
     _evaluate(tiny_pipeline_dir, erased_export, output, tmp_path, metrics=["nudity"])
     assert sorted(generated) == sorted(p.name for p in removed)
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())
     assert json.loads((output / "results.json").read_text())["results"] == first
 
 
-def test_unpadded_sampler_gives_every_item_to_exactly_one_rank():
+def _count_generated(monkeypatch) -> list[str]:
+    """Names of the images the evaluator generates from now on (instead of reading them back)."""
+    generated: list[str] = []
+    original = generation.generate_images
+
+    def counting(pipeline, items, sizes, steps):
+        generated.extend(item.image_name for item in items)
+        return original(pipeline, items, sizes, steps)
+
+    monkeypatch.setattr(generation, "generate_images", counting)
+    return generated
+
+
+def test_a_rerun_with_another_model_or_sampler_reuses_no_image(
+    tiny_pipeline_dir, erased_export, unedited_export, tmp_path, monkeypatch
+):
+    output = tmp_path / "eval"
+    _evaluate(tiny_pipeline_dir, erased_export, output, tmp_path, metrics=["nudity"], limit=3)
+    first = json.loads((output / "results.json").read_text())
+    first_erased = _images_of(output, "erased")
+    first_bytes = {p: p.read_bytes() for p in output.rglob("*.png")}
+
+    generated = _count_generated(monkeypatch)
+    _evaluate(tiny_pipeline_dir, unedited_export, output, tmp_path, metrics=["nudity"], limit=3)
+    second = json.loads((output / "results.json").read_text())
+    # another export: its images are all generated, into their own set; the original model's set is reused
+    assert sorted(generated) == sorted(p.name for p in first_erased)
+    assert second["run"]["fingerprints"]["erased"] != first["run"]["fingerprints"]["erased"]
+    assert second["run"]["fingerprints"]["original"] == first["run"]["fingerprints"]["original"]
+    assert {p: p.read_bytes() for p in first_bytes} == first_bytes  # nothing of the first run was touched
+    # the unedited export draws what the original model draws: its own set, same pixels
+    for mine, original in zip(_images_of(output, "erased"), _images_of(output, "original"), strict=True):
+        assert np.array_equal(np.asarray(Image.open(mine)), np.asarray(Image.open(original)))
+
+    generated.clear()  # other sampler settings: both models regenerate
+    _evaluate(tiny_pipeline_dir, unedited_export, output, tmp_path, metrics=["nudity"], limit=3, scheduler="ddim")
+    assert len(generated) == 6
+    manifest = json.loads((_images_of(output, "original")[0].parent / generation.MANIFEST_NAME).read_text())
+    assert manifest["settings"]["scheduler"] == "DDIMScheduler"
+
+
+def test_an_image_made_for_another_prompt_is_not_reused(tiny_pipeline_dir, unedited_export, tmp_path, monkeypatch):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("case_number,prompt,evaluation_seed\n0,a cat,1\n1,a dog,2\n")
+    output = tmp_path / "eval"
+    _evaluate(tiny_pipeline_dir, None, output, tmp_path, metrics=[], csv=csv, original_only=True)
+    csv.write_text("case_number,prompt,evaluation_seed\n0,a cat,1\n1,a horse,2\n")  # case 1 is another prompt now
+    generated = _count_generated(monkeypatch)
+    _evaluate(tiny_pipeline_dir, None, output, tmp_path, metrics=[], csv=csv, original_only=True)
+    assert generated == ["1_0.png"]
+
+
+def test_reference_protocol_is_the_default_and_prompts_keep_their_own_size(
+    tiny_pipeline_dir, unedited_export, tmp_path
+):
+    evaluator = ErasureEvaluator(str(tiny_pipeline_dir), erased=str(unedited_export))
+    assert (evaluator.hparams.scheduler, evaluator.hparams.num_inference_steps) == ("lms", 50)
+    assert evaluator.nudity_classes == TABLE1_CLASSES and "ANUS_EXPOSED" in evaluator.asr_classes
+    i2p = read_prompt_csv(str(datasets_or_skip() / "i2p.csv"))
+    assert i2p["height"].value_counts().get(512, 0) > 4000 and (i2p["width"] == 256).any()
+
+    csv = tmp_path / "sizes.csv"
+    csv.write_text(
+        "case_number,prompt,evaluation_seed,sd_image_height,sd_image_width\n0,a cat,1,32,48\n1,a dog,2,48,32\n"
+    )
+    output = tmp_path / "eval"
+    model, _ = _evaluate(
+        tiny_pipeline_dir,
+        unedited_export,
+        output,
+        tmp_path,
+        metrics=[],
+        csv=csv,
+        num_inference_steps=2,
+        height=None,
+        width=None,
+    )
+    assert type(model.pipeline.scheduler).__name__ == "LMSDiscreteScheduler"
+    shapes = {p.name: np.asarray(Image.open(p)).shape[:2] for p in _images_of(output, "erased")}
+    assert shapes == {"0_0.png": (32, 48), "1_0.png": (48, 32)}
+    run = json.loads((output / "results.json").read_text())["run"]
+    assert run["scheduler"] == "LMSDiscreteScheduler" and run["num_inference_steps"] == 2
+
+
+class _Scripted(ImageScorer):
+    """Flags the images whose top-left pixel is bright: which images are unsafe is decided by the test."""
+
+    threshold, classes = 0.5, ("FEMALE_BREAST_EXPOSED",)
+
+    def detect(self, images):
+        return [{"FEMALE_BREAST_EXPOSED": 0.9} if image[0, 0, 0] > 127 else {} for image in images]
+
+
+def test_attack_success_is_counted_per_prompt():
+    metric = AttackSuccessRate(CachedDetections(_Scripted()), threshold=0.45, classes=["FEMALE_BREAST_EXPOSED"])
+    metric.bind(["erased"])
+    safe, unsafe = np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)
+    items = [PromptItem(case, k, f"p{case}", k, 7.5) for case in (0, 1, 2) for k in range(3)]
+    # prompt 0: one unsafe image of three; prompt 1: none; prompt 2: all three (split over two batches)
+    pixels = [safe, unsafe, safe, safe, safe, safe, unsafe, unsafe, unsafe]
+    metric.update(items[:7], {"erased": pixels[:7]})
+    metric.update(items[7:], {"erased": pixels[7:]})
+    asr = metric.compute()["erased"]["asr"]
+    assert (asr["successful_prompts"], asr["prompts"], asr["unsafe_images"], asr["images"]) == (2, 3, 4, 9)
+    assert asr["attack_success_rate"] == pytest.approx(2 / 3)
+
+
+@register_metric("mean_brightness")
+class _MeanBrightness(EvaluationMetric):
+    """A new metric is one class: registered by name, summed across processes by torchmetrics."""
+
+    @classmethod
+    def from_evaluator(cls, evaluator):
+        return cls()
+
+    def bind(self, variants):
+        from torchmetrics.aggregation import MeanMetric
+
+        self.variants = list(variants)
+        self.means = torch.nn.ModuleDict({v: MeanMetric() for v in variants})
+
+    def update(self, items, images):
+        for variant, batch in images.items():
+            for image in batch:
+                self.means[variant].update(float(image.mean()))
+
+    def compute(self):
+        return {v: {"mean_brightness": float(self.means[v].compute())} for v in self.variants}
+
+    def columns(self, results):
+        return [("Brightness", {v: f"{results[v]['mean_brightness']:.1f}" for v in self.variants})]
+
+
+def test_a_new_metric_is_one_registered_class(tiny_pipeline_dir, unedited_export, tmp_path):
+    output = tmp_path / "eval"
+    _evaluate(tiny_pipeline_dir, unedited_export, output, tmp_path, metrics=["mean_brightness"], limit=2)
+    report = json.loads((output / "results.json").read_text())["results"]
+    for variant in ("original", "erased"):
+        direct = np.mean([np.asarray(Image.open(p)).mean() for p in _images_of(output, variant)])
+        assert report[variant]["mean_brightness"] == pytest.approx(direct, rel=1e-5)
+    assert "| Brightness |" in (output / "results.md").read_text()
+
+
+def test_unpadded_sampler_gives_every_prompt_to_exactly_one_rank_and_a_placeholder_to_empty_ranks():
     dataset = list(range(3))
     shards = [list(UnpaddedDistributedSampler(dataset, num_replicas=4, rank=r)) for r in range(4)]
     assert shards == [[0], [1], [2], []]
-    assert sorted(i for shard in shards for i in shard) == [0, 1, 2]
     odd = [list(UnpaddedDistributedSampler(list(range(7)), num_replicas=2, rank=r)) for r in range(2)]
     assert sorted(odd[0] + odd[1]) == list(range(7)) and len(odd[0]) == 4 and len(odd[1]) == 3
+
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "case_number": [10, 11],
+            "prompt": ["a", "b"],
+            "seed": [1, 2],
+            "guidance": [7.5, 7.5],
+            "categories": "",
+            "artist": "",
+            "height": None,
+            "width": None,
+        }
+    )
+    prompts = PromptDataset(frame, images_per_prompt=3)
+    shards = [list(UnpaddedDistributedSampler(prompts, num_replicas=3, rank=r)) for r in range(3)]
+    assert shards == [[0, 1, 2], [3, 4, 5], [PLACEHOLDER_INDEX]]  # a prompt's images stay together
+    assert prompts[PLACEHOLDER_INDEX].placeholder and not prompts[0].placeholder
 
 
 def test_prompt_csvs_of_the_paper_are_read_with_their_seeds_and_filters():
@@ -196,6 +373,10 @@ def test_bad_evaluation_input_is_refused_with_the_value(tiny_pipeline_dir, erase
         ErasureEvaluator(str(tiny_pipeline_dir), erased=str(erased_export), metrics=["blur"])
     with pytest.raises(FileNotFoundError, match="missing-export"):
         ErasureEvaluator(str(tiny_pipeline_dir), erased=str(tmp_path / "missing-export"))
+    with pytest.raises(ValueError, match="original_only=true"):
+        ErasureEvaluator(str(tiny_pipeline_dir))  # no erased model: a message, not an evaluation of the original
+    with pytest.raises(ValueError, match="scheduler='heun'"):
+        ErasureEvaluator(str(tiny_pipeline_dir), erased=str(erased_export), scheduler="heun")
     with pytest.raises(ValueError, match="compare the erased model with the original"):
         ErasureEvaluator(str(tiny_pipeline_dir), erased=str(erased_export), evaluate_original=False, metrics=["fid"])
 
@@ -235,7 +416,7 @@ def test_two_ddp_processes_score_each_prompt_once_and_match_one_process(tiny_pip
         assert done.returncode == 0, done.stderr[-3000:]
         runs[name] = json.loads((output / "results.json").read_text())
         for variant in ("original", "erased"):
-            assert len(list((output / variant).glob("*.png"))) == 7
+            assert len(_images_of(output, variant)) == 7
     assert runs["two"]["run"]["processes"] == 2
     one, two = runs["one"]["results"], runs["two"]["results"]
     for variant in ("original", "erased"):
@@ -245,3 +426,41 @@ def test_two_ddp_processes_score_each_prompt_once_and_match_one_process(tiny_pip
     for name, value in one["erased_vs_original"].items():
         # rel 1e-3: the two processes sum fp32 features in another order
         assert two["erased_vs_original"][name] == pytest.approx(value, rel=1e-3, abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_one_prompt_on_two_processes_counts_it_once(tiny_pipeline_dir, erased_export, tmp_path):
+    datasets = datasets_or_skip()
+    output = tmp_path / "lonely"
+    done = _cli(
+        [
+            "test",
+            "--config",
+            str(REPO / "configs" / "eval_smoke.yaml"),
+            f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}",
+            f"--model.erased={erased_export}",
+            f"--data.prompts_csv={datasets / 'nudity.csv'}",
+            "--data.limit=1",
+            "--data.images_per_prompt=2",
+            "--model.height=32",
+            "--model.width=32",
+            "--model.num_inference_steps=2",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--trainer.accelerator=cpu",
+            f"--model.output_dir={output}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((output / "results.json").read_text())
+    assert run["run"]["processes"] == 2
+    for variant in ("original", "erased"):
+        entry = run["results"][variant]
+        assert (entry["num_prompts"], entry["num_images"]) == (1, 2)
+        assert (entry["asr"]["prompts"], entry["asr"]["images"]) == (1, 2)
+        assert len(_images_of(output, variant)) == 2
+    assert np.isfinite(run["results"]["erased_vs_original"]["lpips"])

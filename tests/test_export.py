@@ -95,3 +95,44 @@ def test_manifest_is_json_next_to_the_weights(fitted):
     trainer, _, _ = fitted
     text = trainer.log_dir + "/erased/" + MANIFEST_NAME
     assert json.loads(open(text).read())["method"] == "RECE"
+
+
+def test_a_non_finite_corrupt_or_foreign_file_is_refused_by_name(fitted, tiny_pipeline_dir, tmp_path):
+    from rece_lightning.evaluation import ErasureEvaluator
+    from rece_lightning.export import read_erased
+
+    trainer, _, root = fitted
+    weights = load_file(trainer.log_dir + "/erased/" + WEIGHTS_NAME)
+    poisoned = dict(weights)
+    name = next(iter(poisoned))
+    poisoned[name] = poisoned[name].clone()
+    poisoned[name][0, 0] = float("nan")
+    save_file(poisoned, str(tmp_path / "nan.safetensors"))
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    save_file({"text_model.embeddings.weight": torch.zeros(2, 2)}, str(tmp_path / "foreign.safetensors"))
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
+    checkpoint = next((root / "ckpt").glob("*.ckpt"))
+    nan_checkpoint = torch.load(checkpoint, weights_only=False)
+    nan_checkpoint["state_dict"]["transform"][0, 0] = float("inf")
+    torch.save(nan_checkpoint, tmp_path / "nan.ckpt")
+    cases = {
+        "nan.safetensors": "NaN or inf",
+        "corrupt.safetensors": "not a readable safetensors file",
+        "foreign.safetensors": "not a RECE export",
+        "notes.ckpt": "neither a RECE export",
+        "other.ckpt": "not a RECEModule checkpoint",
+        "nan.ckpt": "NaN or inf",
+    }
+    pipeline = diffusion.load_pipeline(str(tiny_pipeline_dir))
+    untouched = {n: w.clone() for n, w in diffusion.kv_weights(pipeline.unet).items()}
+    for file, message in cases.items():
+        with pytest.raises(ValueError, match=message) as caught:
+            read_erased(tmp_path / file)
+        assert file in str(caught.value)
+        with pytest.raises(ValueError, match=message):
+            load_erased(pipeline, tmp_path / file)
+        with pytest.raises(ValueError, match=message):  # before any model loads
+            ErasureEvaluator(str(tiny_pipeline_dir), erased=str(tmp_path / file))
+    for name, weight in diffusion.kv_weights(pipeline.unet).items():
+        assert torch.equal(weight, untouched[name])

@@ -197,6 +197,7 @@ def test_evaluator_concept_counts_match_a_direct_count(toy_model_dir, tmp_path):
         metrics=["concept"],
         scorer=scorer,
         output_dir=str(tmp_path / "eval"),
+        scheduler="model",
         num_inference_steps=10,
         height=32,
         width=32,
@@ -206,7 +207,8 @@ def test_evaluator_concept_counts_match_a_direct_count(toy_model_dir, tmp_path):
     pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).test(evaluator, datamodule=data)
     report = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
     for variant in ("original", "erased"):
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((tmp_path / "eval" / variant).glob("*.png"))]
+        folder = Path(report[variant]["image_dir"])
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))]
         direct = scorer.tally(scorer.detect(images))
         assert report[variant]["num_images"] == len(prompts) == len(images)
         for key in ("red", "blue", "flagged_images", "rate"):

@@ -15,7 +15,8 @@ import numpy as np
 
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes
 
-# Table 1's columns, in its order, then ANUS_EXPOSED (part of the I2P exposed set, absent from the table).
+# Table 1's columns (its total sums these eight), then ANUS_EXPOSED: part of the exposed set that an attack's success
+# counts (Table 4), absent from Table 1.
 EXPOSED_CLASSES: tuple[str, ...] = (
     "FEMALE_BREAST_EXPOSED",
     "FEMALE_GENITALIA_EXPOSED",
@@ -27,6 +28,7 @@ EXPOSED_CLASSES: tuple[str, ...] = (
     "ARMPITS_EXPOSED",
     "ANUS_EXPOSED",
 )
+TABLE1_CLASSES: tuple[str, ...] = EXPOSED_CLASSES[:8]
 TABLE1_NAMES: dict[str, str] = {
     "FEMALE_BREAST_EXPOSED": "Breast(F)",
     "FEMALE_GENITALIA_EXPOSED": "Genitalia(F)",
