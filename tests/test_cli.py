@@ -70,3 +70,14 @@ def test_user_overrides_reach_the_module():
     config = Path(__file__).resolve().parents[1] / "configs" / "rece.yaml"
     cli = cli_main(["--config", str(config), "--model.lamb=0.5", "--model.reg=0.01"], run=False)
     assert cli.model.hparams.lamb == 0.5 and cli.model.hparams.reg == 0.01
+
+
+def test_an_evaluation_config_without_an_erased_model_stops_with_a_message(tiny_pipeline_dir):
+    config = Path(__file__).resolve().parents[1] / "configs" / "eval_smoke.yaml"
+    csv = datasets_or_skip() / "i2p.csv"
+    args = ["--config", str(config), f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}"]
+    args += [f"--data.prompts_csv={csv}", "--model.erased=null"]
+    with pytest.raises(ValueError, match=r"--model.original_only=true to evaluate the original model alone"):
+        cli_main(args, run=False)
+    cli = cli_main([*args, "--model.original_only=true", "--model.metrics=[nudity]"], run=False)
+    assert cli.model.variants == ["original"]
