@@ -49,12 +49,27 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the umask (0644 under the usual 022); read once, at import, as
+    ``os.umask`` can only be read by setting it, which would race with other threads creating files."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 def atomic_write(path: Path, write) -> None:
-    """``write(temporary_path)``, then rename onto ``path``: a crash never leaves a half-written file behind."""
+    """``write(temporary_path)``, then rename onto ``path``: a crash never leaves a half-written file behind.
+
+    The file gets the usual permissions (``mkstemp`` creates 0600 files; others could not read an export).
+    """
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, _FILE_MODE)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

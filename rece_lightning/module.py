@@ -28,6 +28,8 @@ from rece_lightning.export import TRANSFORM_KEY, save_erased
 
 __all__ = ["RECEModule"]
 
+MAX_SENSIBLE_ROUNDS = 50  # the paper uses 1-10; more is allowed, with a warning
+
 
 def _check(name: str, value: float, *, strictly_positive: bool) -> None:
     bound_ok = value > 0 if strictly_positive else value >= 0
@@ -108,12 +110,8 @@ class RECEModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.pipeline is not None:
             return
-        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
-        if max_epochs is not None and max_epochs < 0:
-            raise ValueError(
-                f"trainer.max_epochs={max_epochs} is not allowed for RECE: give the number of derive-erase rounds, "
-                ">= 0 (0 is the UCE edit alone)"
-            )
+        if self._trainer is not None and stage == "fit":
+            self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps)
         path = self.hparams.pretrained_model_name_or_path
         if self.hparams.create_tiny_pipeline and not Path(path, "model_index.json").expanduser().is_file():
             tokenizer = self.hparams.tiny_pipeline_tokenizer
@@ -123,6 +121,28 @@ class RECEModule(pl.LightningModule):
             diffusion.build_tiny_pipeline(path, tokenizer=tokenizer)
         self._check_prompt_lengths(diffusion.load_tokenizer(path))
         self.attach_pipeline(diffusion.load_pipeline(path, dtype=self.weight_dtype))
+
+    @staticmethod
+    def _check_rounds(max_epochs: int | None, max_steps: int) -> None:
+        """The number of derive-erase rounds must be said (Lightning would run 1000) and sane."""
+        rounds = max_epochs if max_epochs is not None else (max_steps if max_steps != -1 else None)
+        if rounds is None:
+            raise ValueError(
+                "trainer.max_epochs is not set: give the number of derive-erase rounds, e.g. --trainer.max_epochs=5 "
+                "(paper: 3-5 for nudity, 1-10 for artists); Lightning's default of 1000 rounds would erase far more "
+                "than the concept"
+            )
+        if rounds < 0:
+            raise ValueError(
+                f"trainer.max_epochs={rounds} is not allowed for RECE: give the number of derive-erase rounds, "
+                ">= 0 (0 is the UCE edit alone)"
+            )
+        if rounds > MAX_SENSIBLE_ROUNDS:
+            rank_zero_warn(
+                f"trainer.max_epochs={rounds}: the paper uses 1-10 derive-erase rounds. Each round edits up to one "
+                "more direction per token of the text space, so after a few dozen rounds the K/V projections lose "
+                "unrelated concepts too (watch drift/preservation in TensorBoard)"
+            )
 
     def attach_pipeline(self, pipeline) -> None:
         """Take ``pipeline`` (unedited) as the model to erase from: keep its original K/V and their Gram matrix."""

@@ -88,6 +88,41 @@ def test_tensorboard_has_one_probe_image_per_concept_and_state_and_drift_for_eve
     assert [s.value for s in events.Scalars("collapse/detected")] == [0.0, 0.0, 0.0]
 
 
+def _independent_drift(current: dict, original: dict) -> dict[str, float]:
+    """||W - W_orig||_F / ||W_orig||_F over all K, all V, all matrices and per layer, in numpy float64."""
+    sums = {"k": [0.0, 0.0], "v": [0.0, 0.0]}
+    per_layer = {}
+    for name, base in original.items():
+        base = base.double().cpu().numpy()
+        delta = current[name].double().cpu().numpy() - base
+        kind = "k" if name.endswith("to_k.weight") else "v"
+        sums[kind][0] += float(np.sum(delta**2))
+        sums[kind][1] += float(np.sum(base**2))
+        per_layer[f"drift_layer/{kind}/{name.split('.transformer_blocks')[0]}"] = np.sqrt(
+            np.sum(delta**2) / np.sum(base**2)
+        )
+    figures = {f"drift/{kind}_total": np.sqrt(num / den) for kind, (num, den) in sums.items()}
+    figures["drift/total"] = np.sqrt((sums["k"][0] + sums["v"][0]) / (sums["k"][1] + sums["v"][1]))
+    return {**figures, **per_layer}
+
+
+def test_logged_drift_matches_an_independent_computation_at_every_state(full_run):
+    trainer, module, root, _ = full_run
+    events = _events(trainer.log_dir)
+    # state 2 (the end) from the module, state 1 from the checkpoint written after epoch 0 (W = W_orig @ transform)
+    states = {2: module.kv_state()}
+    checkpoint = torch.load(root / "ckpt" / "epoch=0.ckpt", weights_only=False)
+    states[1] = module.weights_for(checkpoint["state_dict"]["transform"].to(torch.float64))
+    for step, weights in states.items():
+        expected = _independent_drift(weights, module.original_kv)
+        assert len(expected) > 3
+        for tag, value in expected.items():
+            logged = next(s.value for s in events.Scalars(tag) if s.step == step)
+            assert logged == pytest.approx(value, rel=1e-5), (tag, step)
+        collapse = next(s.value for s in events.Scalars("collapse/kv_drift") if s.step == step)
+        assert collapse == pytest.approx(expected["drift/total"], rel=1e-5)
+
+
 def test_probe_pngs_are_written_for_every_state(full_run):
     trainer, _, _, _ = full_run
     from pathlib import Path

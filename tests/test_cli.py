@@ -81,3 +81,16 @@ def test_an_evaluation_config_without_an_erased_model_stops_with_a_message(tiny_
         cli_main(args, run=False)
     cli = cli_main([*args, "--model.original_only=true", "--model.metrics=[nudity]"], run=False)
     assert cli.model.variants == ["original"]
+
+
+def test_a_fit_without_max_epochs_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from rece_lightning import diffusion
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline must not be loaded")
+
+    monkeypatch.setattr(diffusion, "load_pipeline", no_loading)
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    with pytest.raises(ValueError, match="max_epochs is not set: give the number of derive-erase rounds"):
+        cli_main(["fit", "--config", str(config), "--trainer.max_epochs=null"])

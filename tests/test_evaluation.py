@@ -388,6 +388,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_score_each_prompt_once_and_match_one_process(tiny_pipeline_dir, erased_export, tmp_path):
     datasets = datasets_or_skip()
     common = [

@@ -97,6 +97,20 @@ def test_manifest_is_json_next_to_the_weights(fitted):
     assert json.loads(open(text).read())["method"] == "RECE"
 
 
+def test_exports_get_the_usual_file_permissions(tmp_path):
+    import os
+    import stat
+
+    from rece_lightning.export import save_erased
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    save_erased(tmp_path / "export", {"down.attn2.to_k.weight": torch.ones(2, 2)}, {"base_model": "x"})
+    for name in (WEIGHTS_NAME, MANIFEST_NAME):
+        assert stat.S_IMODE((tmp_path / "export" / name).stat().st_mode) == expected, name
+
+
 def test_a_non_finite_corrupt_or_foreign_file_is_refused_by_name(fitted, tiny_pipeline_dir, tmp_path):
     from rece_lightning.evaluation import ErasureEvaluator
     from rece_lightning.export import read_erased

@@ -143,6 +143,13 @@ def test_over_long_concept_and_negative_epochs_are_refused_before_the_models_loa
         fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=-1)
 
 
+def test_more_rounds_than_the_paper_would_ever_use_get_a_warning_with_the_reason():
+    with pytest.warns(Warning, match=r"max_epochs=60: the paper uses 1-10"):
+        RECEModule._check_rounds(60, -1)
+    RECEModule._check_rounds(10, -1)  # silent
+    RECEModule._check_rounds(None, 4)  # max_steps counts rounds too (one closed-form step per epoch)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_pipelines_are_erased_with_float64_solves(tiny_pipeline_dir, dtype):
     """fp16/bf16 weights in, the same erasure as in float32 out, rounded once into the model's dtype."""
