@@ -105,29 +105,27 @@ def _single_item(batch: list[ConceptSet]) -> ConceptSet:
 
 
 class ConceptDataModule(pl.LightningDataModule):
-    """Yields the concept set once per epoch.
+    """Yields the concept set once per epoch: the model's own (``RECEModule(erase_concepts=...)``) unless given.
 
-    Args:
-        erase_concepts: concepts to erase, e.g. ``["nudity"]`` or five artists' names.
-        guide_concepts: destination of each concept (one for all, or one per concept); " " is the empty prompt.
-        preserve_concepts: concepts whose K/V outputs are kept (Eq. 2's second term).
+    The concepts are configured once, on the model; this data module has no second list that could disagree.
     """
 
-    def __init__(
-        self,
-        erase_concepts: str | list[str] = "nudity",
-        guide_concepts: str | list[str] = " ",
-        preserve_concepts: list[str] | None = None,
-    ) -> None:
+    def __init__(self, concepts: ConceptSet | None = None) -> None:
         super().__init__()
-        self.concepts = ConceptSet.from_config(erase_concepts, guide_concepts, preserve_concepts)
+        self.concepts = concepts
 
     @classmethod
     def from_concepts(cls, concepts: ConceptSet) -> ConceptDataModule:
-        return cls(list(concepts.erase), list(concepts.guides), list(concepts.preserve))
+        return cls(concepts)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(ConceptDataset(self.concepts), batch_size=1, collate_fn=_single_item)
+        concepts = self.concepts
+        if concepts is None:
+            model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            concepts = getattr(model, "concepts", None)
+            if not isinstance(concepts, ConceptSet):
+                raise ValueError("ConceptDataModule needs the concepts: attach it to a RECEModule or give a ConceptSet")
+        return DataLoader(ConceptDataset(concepts), batch_size=1, collate_fn=_single_item)
 
 
 # --- prompt sets for evaluation ------------------------------------------------------------------------------------

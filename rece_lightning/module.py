@@ -59,6 +59,10 @@ class RECEModule(pl.LightningModule):
             ``last_word_onward``.
         preserve_guides: as in the reference code, also preserve each concept's guide prompt over all 77 positions
             with ``preserve_scale`` (once per concept) in every edit.
+        uce_lamb: lambda_2 of the preliminary UCE edit alone (``null``: ``lamb``). The authors' ``train_uce.py`` uses
+            0.5 there while their epochs use 0.1.
+        uce_preserve_scale: lambda_1 of the preliminary UCE edit alone (``null``: ``preserve_scale``); the authors'
+            released nudity model used 1.0.
         dtype: dtype of the pipeline's weights: ``float32``, ``float16``, ``bfloat16`` or ``float64``. The solves run in
             float64.
         export_dir: where the erased K/V weights and their manifest are written at the end of fit; ``{log_dir}``
@@ -81,6 +85,8 @@ class RECEModule(pl.LightningModule):
         uce_tokens: TokenMode = "last_word_onward",
         rece_tokens: TokenMode = "all",
         preserve_guides: bool = True,
+        uce_lamb: float | None = None,
+        uce_preserve_scale: float | None = None,
         dtype: str = "float32",
         export_dir: str | None = "{log_dir}/erased",
         create_tiny_pipeline: bool = False,
@@ -93,6 +99,10 @@ class RECEModule(pl.LightningModule):
         _check("reg", reg, strictly_positive=True)
         _check("erase_scale", erase_scale, strictly_positive=False)
         _check("preserve_scale", preserve_scale, strictly_positive=False)
+        if uce_lamb is not None:
+            _check("uce_lamb", uce_lamb, strictly_positive=True)
+        if uce_preserve_scale is not None:
+            _check("uce_preserve_scale", uce_preserve_scale, strictly_positive=False)
         for name, mode in (("uce_tokens", uce_tokens), ("rece_tokens", rece_tokens)):
             if mode not in TOKEN_MODES:
                 raise ValueError(f"{name}={mode!r} is not allowed: choose one of {list(TOKEN_MODES)}")
@@ -204,7 +214,15 @@ class RECEModule(pl.LightningModule):
             )
             sources.append(source)
             targets.append(target)
-        self._edit(sources, targets, self._preserved(concepts), write=write)
+        hp = self.hparams
+        self._edit(
+            sources,
+            targets,
+            self._preserved(concepts),
+            write=write,
+            lamb=hp.lamb if hp.uce_lamb is None else hp.uce_lamb,
+            preserve_scale=hp.preserve_scale if hp.uce_preserve_scale is None else hp.uce_preserve_scale,
+        )
 
     def derived_embeddings(self, concepts: ConceptSet | None = None) -> dict[str, Tensor]:
         """Eq. 8 for every concept in the current state: c' (77, d) in float64, keyed by concept.
@@ -270,7 +288,15 @@ class RECEModule(pl.LightningModule):
         progress.increment_ready()
         progress.increment_completed()
 
-    def _edit(self, sources: list[Tensor], targets: list[Tensor], preserved: list[Tensor], write: bool) -> None:
+    def _edit(
+        self,
+        sources: list[Tensor],
+        targets: list[Tensor],
+        preserved: list[Tensor],
+        write: bool,
+        lamb: float | None = None,
+        preserve_scale: float | None = None,
+    ) -> None:
         """Compose one Eq. 3 edit (``W_new = W_cur @ X``) into the state; refuse non-finite results."""
         edited = closed_form.replace_edit(
             closed_form.SharedState(self.transform, self.hessian),
@@ -278,9 +304,9 @@ class RECEModule(pl.LightningModule):
             sources,
             targets,
             preserved,
-            lamb=self.hparams.lamb,
+            lamb=self.hparams.lamb if lamb is None else lamb,
             erase_scale=self.hparams.erase_scale,
-            preserve_scale=self.hparams.preserve_scale,
+            preserve_scale=self.hparams.preserve_scale if preserve_scale is None else preserve_scale,
         )
         if not (torch.isfinite(edited.transform).all() and torch.isfinite(edited.hessian).all()):
             raise FloatingPointError(
@@ -338,7 +364,10 @@ class RECEModule(pl.LightningModule):
             "erase_concepts": list(self.concepts.erase),
             "guide_concepts": list(self.concepts.guides),
             "preserve_concepts": list(self.concepts.preserve),
-            "hyperparameters": {key: hparams[key] for key in ("lamb", "erase_scale", "preserve_scale", "reg")},
+            "hyperparameters": {
+                key: hparams[key]
+                for key in ("lamb", "erase_scale", "preserve_scale", "reg", "uce_lamb", "uce_preserve_scale")
+            },
             "token_modes": {"uce": hparams["uce_tokens"], "rece": hparams["rece_tokens"]},
             "preserve_guides": hparams["preserve_guides"],
             "dtype": hparams["dtype"],

@@ -115,6 +115,8 @@ def test_non_finite_update_stops_the_run_and_exports_nothing(tiny_pipeline_dir, 
         ({"reg": float("nan")}, "reg=nan"),
         ({"erase_scale": -1.0}, "erase_scale=-1.0"),
         ({"preserve_scale": -0.1}, "preserve_scale=-0.1"),
+        ({"uce_lamb": 0.0}, "uce_lamb=0.0"),
+        ({"uce_preserve_scale": float("nan")}, "uce_preserve_scale=nan"),
         ({"uce_tokens": "first_word"}, "uce_tokens='first_word'"),
         ({"rece_tokens": "some"}, "rece_tokens='some'"),
         ({"dtype": "float8"}, "dtype='float8'"),
@@ -176,3 +178,46 @@ def test_erase_without_a_trainer_matches_the_lightning_fit(tiny_pipeline_dir, tm
     assert int(module.edits_applied) == 3
     for name, weight in fitted.kv_state().items():
         assert torch.equal(module.kv_state()[name], weight), name
+
+
+def test_concepts_are_configured_once_on_the_model(tiny_pipeline_dir, tmp_path):
+    """A ConceptDataModule has no list of its own: fitted beside the module, it yields the module's concepts."""
+    from rece_lightning.data import ConceptDataModule
+
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch)
+
+    module = RECEModule(str(tiny_pipeline_dir), erase_concepts=["nudity", "a cat"], guide_concepts=" ", export_dir=None)
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Record()]
+    )
+    trainer.fit(module, datamodule=ConceptDataModule())
+    assert [batch.erase for batch in seen] == [("nudity", "a cat")]
+    with pytest.raises(TypeError):
+        ConceptDataModule(erase_concepts=["nudity"])
+
+
+def test_the_uce_stage_takes_its_own_lambda_and_preserve_scale(tiny_pipeline_dir):
+    """The authors' train_uce.py: λ 0.5 and preserve scale 1.0 for UCE; the epochs keep 0.1 / 0.1."""
+    from tests.test_closed_form import _lstsq_edit
+
+    module = RECEModule(
+        str(tiny_pipeline_dir), preserve_concepts=["a photo of a cat"], uce_lamb=0.5, uce_preserve_scale=1.0
+    )
+    module.attach_pipeline(diffusion.load_pipeline(str(tiny_pipeline_dir)))
+    module.apply_uce()
+    concept, guide = module.encoded(["nudity", " "])
+    source, target = diffusion.select_tokens(
+        concept.embedding, concept.length, guide.embedding, guide.length, "last_word_onward"
+    )
+    preserved = [e.embedding for e in module.encoded([" ", "a photo of a cat"])]
+    edited = module.kv_state()
+    for name, original in module.original_kv.items():
+        expected = _lstsq_edit(original, [source], [target], preserved, 0.5, 1.0, 1.0)
+        assert torch.allclose(edited[name].double(), expected, rtol=1e-4, atol=1e-6), name
+        shared = _lstsq_edit(original, [source], [target], preserved, 0.1, 1.0, 0.1)
+        assert not torch.allclose(edited[name].double(), shared, rtol=1e-4, atol=1e-6)  # the options took effect
+    assert module.manifest()["hyperparameters"]["uce_lamb"] == 0.5
