@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from tqdm.auto import tqdm
 
 from callbacks.probing import EveryState, ProbeSettings, generate_probes
 from rece_lightning.data import read_prompt_csv
@@ -202,6 +203,13 @@ class ConceptCheckpointSelector(EveryState):
         frame = self.validation
         seeds, prompts = list(frame["seed"]), list(frame["prompt"])
         images = []
+        progress = tqdm(
+            total=len(prompts),
+            desc=f"validation images of state {pl_module.rece_epochs_done}",
+            unit="image",
+            leave=False,
+            disable=pl_module.trainer.progress_bar_callback is None,
+        )
         for start in range(0, len(prompts), self.validation_batch_size):
             chunk = slice(start, start + self.validation_batch_size)
             generators = [torch.Generator(device=pipeline.device).manual_seed(int(seed)) for seed in seeds[chunk]]
@@ -216,6 +224,8 @@ class ConceptCheckpointSelector(EveryState):
                     output_type="np",
                 ).images
             )
+            progress.update(len(images[-1]))
+        progress.close()
         return np.concatenate(images)
 
 

@@ -69,6 +69,10 @@ def generate_probes(module, settings: ProbeSettings) -> Probes:
         torch.Generator(device=pipeline.device).manual_seed(settings.seed + index % settings.num_images)
         for index in range(batch.shape[0])
     ]
+    show = getattr(getattr(module, "_trainer", None), "progress_bar_callback", None) is not None
+    pipeline.set_progress_bar_config(
+        disable=not show, leave=False, desc=f"probes of state {module.rece_epochs_done} ({batch.shape[0]} images)"
+    )
     images = pipeline(
         prompt_embeds=batch,
         num_inference_steps=settings.num_inference_steps,
@@ -78,6 +82,7 @@ def generate_probes(module, settings: ProbeSettings) -> Probes:
         generator=generators,
         output_type="np",
     ).images
+    pipeline.set_progress_bar_config(disable=True)
     images = images.reshape(2, len(concepts), settings.num_images, *images.shape[1:])
     probes = Probes(
         state=module.rece_epochs_done,

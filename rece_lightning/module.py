@@ -25,6 +25,7 @@ from rece_lightning import closed_form, diffusion
 from rece_lightning.data import ConceptDataModule, ConceptSet
 from rece_lightning.diffusion import TOKEN_MODES, EncodedPrompt, TokenMode
 from rece_lightning.export import TRANSFORM_KEY, save_erased
+from rece_lightning.precision import check_trainer_precision
 
 __all__ = ["RECEModule"]
 
@@ -120,8 +121,10 @@ class RECEModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.pipeline is not None:
             return
-        if self._trainer is not None and stage == "fit":
-            self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps)
+        if self._trainer is not None:
+            check_trainer_precision(self.trainer.precision, type(self).__name__)
+            if stage == "fit":
+                self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps)
         path = self.hparams.pretrained_model_name_or_path
         if self.hparams.create_tiny_pipeline and not Path(path, "model_index.json").expanduser().is_file():
             tokenizer = self.hparams.tiny_pipeline_tokenizer
@@ -180,6 +183,7 @@ class RECEModule(pl.LightningModule):
                 )
 
     def on_fit_start(self) -> None:
+        self._announce_outputs()
         self.pipeline.to(self.device)
         self.original_kv = {name: w.to(self.device) for name, w in self.original_kv.items()}
         if int(self.edits_applied) == 0:
@@ -386,10 +390,24 @@ class RECEModule(pl.LightningModule):
     def configure_optimizers(self) -> None:
         return None  # closed-form updates: "Fit will run without any optimizer"
 
-    def on_fit_end(self) -> None:
+    def export_folder(self) -> Path | None:
+        """Where the fit's export goes (``export_dir`` with ``{log_dir}`` filled in), or None."""
         target = self.hparams.export_dir
-        if target is None or not self.trainer.is_global_zero or self.trainer.interrupted:
+        if target is None:
+            return None
+        return Path(target.format(log_dir=self.trainer.log_dir or self.trainer.default_root_dir))
+
+    def _announce_outputs(self) -> None:
+        checkpoints = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        rank_zero_info(
+            f"RECE: {self.trainer.max_epochs} derive-erase rounds after the UCE edit; logs in "
+            f"{self.trainer.log_dir or 'nowhere (no logger)'}; checkpoints in {checkpoints or 'none'}; export to "
+            f"{self.export_folder() or 'nowhere (export_dir=null)'}"
+        )
+
+    def on_fit_end(self) -> None:
+        folder = self.export_folder()
+        if folder is None or not self.trainer.is_global_zero or self.trainer.interrupted:
             return
-        folder = Path(target.format(log_dir=self.trainer.log_dir or self.trainer.default_root_dir))
         path = self.export(folder)
         rank_zero_info(f"RECE: erased K/V weights written to {path}")

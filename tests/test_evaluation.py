@@ -136,6 +136,7 @@ def test_original_and_erased_are_generated_once_per_prompt_and_scored(
         assert np.isfinite(report[variant]["clip_score"])
     comparison = report["erased_vs_original"]
     assert comparison["fid"] >= 0 and comparison["lpips"] > 0  # the erased model's images differ from the original's
+    assert model.trainer.progress_bar_metrics["images"] == 10  # images done (5 prompts x 2 models) on the bar
     table = (output / "results.md").read_text()
     assert "| original |" in table and "| erased |" in table and "Breast(F)" in table and "ASR %" in table
 
@@ -465,3 +466,18 @@ def test_one_prompt_on_two_processes_counts_it_once(tiny_pipeline_dir, erased_ex
         assert (entry["asr"]["prompts"], entry["asr"]["images"]) == (1, 2)
         assert len(_images_of(output, variant)) == 2
     assert np.isfinite(run["results"]["erased_vs_original"]["lpips"])
+
+
+def test_true_half_precision_is_refused_by_the_evaluator_too(tiny_pipeline_dir, unedited_export, tmp_path, monkeypatch):
+    from rece_lightning import diffusion
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline must not be loaded")
+
+    monkeypatch.setattr(diffusion, "load_pipeline", no_loading)
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt\na cat\n")
+    evaluator = ErasureEvaluator(str(tiny_pipeline_dir), erased=str(unedited_export), output_dir=str(tmp_path / "e"))
+    trainer = pl.Trainer(accelerator="cpu", precision="16-true", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="trainer.precision='16-true' is not allowed for ErasureEvaluator"):
+        trainer.test(evaluator, datamodule=PromptDataModule(str(csv)))

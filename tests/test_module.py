@@ -221,3 +221,40 @@ def test_the_uce_stage_takes_its_own_lambda_and_preserve_scale(tiny_pipeline_dir
         shared = _lstsq_edit(original, [source], [target], preserved, 0.1, 1.0, 0.1)
         assert not torch.allclose(edited[name].double(), shared, rtol=1e-4, atol=1e-6)  # the options took effect
     assert module.manifest()["hyperparameters"]["uce_lamb"] == 0.5
+
+
+def test_a_fit_says_where_its_logs_checkpoints_and_export_go(tiny_pipeline_dir, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        trainer, module = fit_tiny(
+            tiny_pipeline_dir, tmp_path, max_epochs=1, callbacks=[pl.callbacks.ModelCheckpoint()]
+        )
+    announced = next(
+        r.getMessage() for r in caplog.records if "derive-erase rounds after the UCE edit" in r.getMessage()
+    )
+    assert trainer.log_dir in announced and str(module.export_folder()) in announced
+    assert trainer.checkpoint_callback.dirpath in announced
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_true_half_precision_is_refused_before_it_casts_the_float64_state(tiny_pipeline_dir, precision, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline must not be loaded")
+
+    monkeypatch.setattr(diffusion, "load_pipeline", no_loading)
+    module = RECEModule(str(tiny_pipeline_dir), export_dir=None)
+    trainer = pl.Trainer(accelerator="cpu", precision=precision, max_epochs=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=f"trainer.precision='{precision}' is not allowed.*--model.dtype=float16"):
+        trainer.fit(module)
+
+
+def test_mixed_precision_leaves_the_float64_state_alone(tiny_pipeline_dir, tmp_path):
+    _, plain = fit_tiny(tiny_pipeline_dir, tmp_path / "plain", max_epochs=1, export_dir=None)
+    module = RECEModule(str(tiny_pipeline_dir), export_dir=None)
+    trainer = pl.Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_epochs=1, logger=False, enable_progress_bar=False
+    )
+    trainer.fit(module)
+    assert module.transform.dtype == torch.float64
+    assert torch.equal(module.transform, plain.transform)

@@ -41,6 +41,7 @@ from rece_lightning.evaluation.report import write_reports
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes, check_scorer
 from rece_lightning.evaluation.standard_metrics import CachedDetections
 from rece_lightning.export import load_erased, read_erased
+from rece_lightning.precision import check_trainer_precision
 
 VARIANTS = ("original", "erased")
 
@@ -169,6 +170,8 @@ class ErasureEvaluator(pl.LightningModule):
         if self.pipeline is not None:
             return
         hp = self.hparams
+        if self._trainer is not None:
+            check_trainer_precision(self.trainer.precision, type(self).__name__)
         device_type = self.trainer.strategy.root_device.type if self._trainer is not None else "cpu"
         self.dtype_name = hp.dtype if hp.dtype != "auto" else ("float16" if device_type == "cuda" else "float32")
         self.pipeline = diffusion.load_pipeline(
@@ -205,10 +208,17 @@ class ErasureEvaluator(pl.LightningModule):
         settings = generation.sampler_settings(
             self.pipeline, self.hparams.pretrained_model_name_or_path, self.hparams.num_inference_steps, self.dtype_name
         )
+        self._images_done = 0
         settings["size_override"] = [self.hparams.height, self.hparams.width]
         for variant, weights in self.kv_by_variant.items():
             fingerprint = {**settings, "kv_sha256": generation.kv_fingerprint(weights)}
             self.image_sets[variant] = generation.ImageSet.open(self.output_dir, variant, fingerprint)
+        rank_zero_info(
+            "ErasureEvaluator: images of "
+            + ", ".join(f"the {v} model in {image_set.folder}" for v, image_set in self.image_sets.items())
+            + f" ({type(self.pipeline.scheduler).__name__}, {self.hparams.num_inference_steps} steps); existing ones "
+            "are read back, the progress bar's `images` counts this process's images done"
+        )
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
@@ -223,6 +233,8 @@ class ErasureEvaluator(pl.LightningModule):
             self.counters[f"{variant}__prompts"].update(float(sum(item.index == 0 for item in items)))
         for metric in self.metric_objects:
             metric.update(items, images)
+        self._images_done += len(items) * len(self.variants)
+        self.log("images", float(self._images_done), prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def image_size(self, item: PromptItem) -> tuple[int, int]:
         """(height, width) of ``item``'s image: the option if set, else the prompt's own, else 512 (reference)."""
