@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import sys
+from argparse import ArgumentError
+from pathlib import Path
+
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 
@@ -11,21 +18,114 @@ class RECECLI(LightningCLI):
     def before_fit(self) -> None:
         from rece_lightning.module import RECEModule
 
+        self._check_ckpt_path()
         if isinstance(self.model, RECEModule):
             # Lightning turns an unset max_epochs into 1000 before any module hook runs: check the user's value here.
             RECEModule._check_rounds(self.trainer.max_epochs, self.trainer.max_steps)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run; if the run fails before its first epoch ends, remove the log folder it made for nothing."""
+        logger = self.trainer.logger
+        folder = Path(logger.log_dir) if logger is not None and logger.log_dir else None
+        existed = folder is not None and folder.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            started = self.trainer.current_epoch > 0 or self.trainer.global_step > 0
+            if (
+                folder is not None
+                and not existed
+                and not started
+                and self.trainer.is_global_zero
+                and _only_start_up_files(folder)
+            ):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
-def cli_main(args: ArgsType = None, run: bool = True) -> LightningCLI:
-    """Build (and by default run) the LightningCLI; tests call it in-process with ``args``."""
+    def before_test(self) -> None:
+        self._check_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if (
+            ckpt_path is not None
+            and ckpt_path not in ("last", "best", "hpc", "registry")
+            and not os.path.isfile(ckpt_path)
+        ):
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist: give a checkpoint file to resume from")
+
+
+START_UP_FILES = ("config.yaml", "hparams.yaml")
+
+
+def _only_start_up_files(folder: Path) -> bool:
+    """Whether ``folder`` holds only what a run writes as it starts (its config, hyper-parameters and an events file
+    without a single scalar or image): nothing a user could want back."""
+    if not folder.is_dir():
+        return False
+    for path in folder.rglob("*"):
+        if path.is_dir():
+            continue
+        if path.name in START_UP_FILES:
+            continue
+        if path.name.startswith("events.out.tfevents") and path.stat().st_size < 1024:
+            continue
+        return False
+    return True
+
+
+def cli_main(args: ArgsType = None, run: bool = True, exit_on_error: bool = True) -> LightningCLI:
+    """Build (and by default run) the LightningCLI; tests call it in-process with ``args``.
+
+    ``exit_on_error=False`` raises configuration errors instead of printing jsonargparse's usage and exiting (the
+    command line then prints one short message, see :func:`main`).
+    """
     return RECECLI(
         model_class=None,  # any LightningModule named by class_path: RECEModule to fit, the evaluator to test
         datamodule_class=None,  # optional: RECEModule brings its own concept data
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": exit_on_error},
         args=args,
         run=run,
     )
 
 
+_KEY = re.compile(r'Parser key "([^"]+)"')
+_VALUE = re.compile(r"Got value: (\S+)")
+_NON_FINITE = {"nan", "inf", "-inf", "+inf", "infinity", "-infinity"}
+
+
+def short_error(error: BaseException) -> str:
+    """One line for a configuration error: the innermost message of the chain, with the option it is about."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    keys = [key for e in chain for key in _KEY.findall(str(e))]
+    innermost = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
+    value = next((v for e in chain for v in _VALUE.findall(str(e))), None)
+    if value is not None and value.lower().strip("'\"") in _NON_FINITE:
+        innermost = f"{value} is not allowed: non-finite values (nan, inf) are refused; give a finite number"
+    option = ".".join(dict.fromkeys(k for k in keys if k not in ("model", "data", "trainer") or len(keys) == 1))
+    section = next((k for k in keys if k in ("model", "data", "trainer")), None)
+    where = f"--{section}.{option}" if section and option and option != section else (f"--{option}" if option else "")
+    return f"error: {where + ': ' if where else ''}{innermost}"
+
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, ArgumentError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python train.py ...``: a configuration error prints one line naming the value, and exits with status 2
+    (``RECE_TRACEBACK=1`` shows the whole traceback instead)."""
+    try:
+        cli_main(argv, exit_on_error=False)
+    except USER_ERRORS as error:
+        if os.environ.get("RECE_TRACEBACK"):
+            raise
+        print(short_error(error) + "  (RECE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    cli_main()
+    main()

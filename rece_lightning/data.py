@@ -74,6 +74,10 @@ class ConceptSet:
                 raise ValueError(
                     f"preserve_concepts[{index}]={concept!r} is not allowed: a concept to preserve must contain words"
                 )
+        for name, values in (("erase_concepts", erase), ("preserve_concepts", preserve)):
+            repeated = sorted({c for c in values if values.count(c) > 1})
+            if repeated:
+                raise ValueError(f"{name} lists {repeated} more than once: give each concept once")
         overlap = sorted(set(erase) & set(preserve))
         if overlap:
             raise ValueError(f"{overlap} are both erased and preserved: a concept can be only one of the two")

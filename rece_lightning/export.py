@@ -31,6 +31,7 @@ __all__ = [
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
     "atomic_write",
+    "check_writable_folder",
     "load_erased",
     "package_versions",
     "read_erased",
@@ -74,6 +75,20 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def check_writable_folder(option: str, folder: str | os.PathLike) -> None:
+    """Refuse, before any work, a folder that is a file or that cannot be created or written to."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option}={str(folder)!r} is a file, not a folder: give a folder to write into")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{option}={str(folder)!r}: {str(existing)!r} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option}={str(folder)!r}: {str(existing)!r} is not writable")
 
 
 def save_erased(folder: str | os.PathLike, weights: Mapping[str, Tensor], manifest: Mapping[str, Any]) -> Path:

@@ -24,7 +24,7 @@ from torch import Tensor
 from rece_lightning import closed_form, diffusion
 from rece_lightning.data import ConceptDataModule, ConceptSet
 from rece_lightning.diffusion import TOKEN_MODES, EncodedPrompt, TokenMode
-from rece_lightning.export import TRANSFORM_KEY, save_erased
+from rece_lightning.export import TRANSFORM_KEY, check_writable_folder, save_erased
 from rece_lightning.precision import check_trainer_precision
 
 __all__ = ["RECEModule"]
@@ -110,6 +110,13 @@ class RECEModule(pl.LightningModule):
         self.weight_dtype = diffusion.resolve_dtype(dtype)
         if not (create_tiny_pipeline and diffusion.looks_like_local_path(pretrained_model_name_or_path)):
             diffusion.check_pretrained_path(pretrained_model_name_or_path)
+        elif Path(pretrained_model_name_or_path).expanduser().is_file():
+            raise NotADirectoryError(
+                f"pretrained_model_name_or_path={pretrained_model_name_or_path!r} is a file: create_tiny_pipeline "
+                "writes a pipeline folder there"
+            )
+        if export_dir is not None and "{log_dir}" not in export_dir:
+            check_writable_folder("export_dir", export_dir)
         self.automatic_optimization = False
         self.pipeline = None  # a diffusers pipeline, not an nn.Module: it stays out of state_dict and checkpoints
         self.original_kv: dict[str, Tensor] = {}

@@ -94,3 +94,70 @@ def test_a_fit_without_max_epochs_is_refused_before_the_model_loads(tmp_path, mo
     config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
     with pytest.raises(ValueError, match="max_epochs is not set: give the number of derive-erase rounds"):
         cli_main(["fit", "--config", str(config), "--trainer.max_epochs=null"])
+
+
+def _train_py(args: list[str], cwd: Path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env.pop("RECE_TRACEBACK", None)
+    return subprocess.run(
+        [sys.executable, str(repo / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow  # one process per case
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--model.lamb=nan", "--model.lamb: nan is not allowed: non-finite values (nan, inf) are refused"),
+        ("--model.reg=inf", "--model.reg: inf is not allowed: non-finite values"),
+        ("--model.lamb=-1", "lamb=-1.0 is not allowed: it must be a finite number > 0"),
+        ("--model.erase_concepts=[nudity,nudity]", "erase_concepts lists ['nudity'] more than once"),
+        ("--model.export_dir=config.yaml", "export_dir='config.yaml' is a file, not a folder"),
+        ("--ckpt_path=missing.ckpt", "ckpt_path='missing.ckpt' does not exist"),
+    ],
+)
+def test_a_bad_value_prints_one_short_line_and_exits_2(tmp_path, override, message):
+    (tmp_path / "config.yaml").write_text("a file where a folder is expected\\n")
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    done = _train_py(["fit", "--config", str(config), override], tmp_path)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Namespace(" not in done.stderr
+    assert not (tmp_path / "runs" / "smoke" / "tiny-sd").exists()  # nothing heavy was started
+
+
+def test_a_failed_start_leaves_no_empty_version_folder(tmp_path, monkeypatch):
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="trainer.precision='bf16-true' is not allowed"):
+        cli_main(["fit", "--config", str(config), "--trainer.precision=bf16-true"])
+    assert not list(tmp_path.glob("runs/smoke/rece/version_*"))
+    (tmp_path / "runs" / "smoke" / "rece" / "version_0").mkdir(parents=True)  # an earlier run's folder stays
+    (tmp_path / "runs" / "smoke" / "rece" / "version_0" / "config.yaml").write_text("x: 1\\n")
+    with pytest.raises(ValueError):
+        cli_main(["fit", "--config", str(config), "--trainer.precision=bf16-true"])
+    assert [p.name for p in tmp_path.glob("runs/smoke/rece/version_*")] == ["version_0"]
+
+
+def test_output_folders_that_are_files_are_refused_before_the_model_loads(tiny_pipeline_dir, unedited_export, tmp_path):
+    from rece_lightning import RECEModule
+    from rece_lightning.evaluation import ErasureEvaluator
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError, match="output_dir=.*a-file.* is a file"):
+        ErasureEvaluator(str(tiny_pipeline_dir), erased=str(unedited_export), output_dir=str(blocker))
+    with pytest.raises(NotADirectoryError, match="cannot be made"):
+        ErasureEvaluator(str(tiny_pipeline_dir), erased=str(unedited_export), output_dir=str(blocker / "inside"))
+    with pytest.raises(NotADirectoryError, match="export_dir=.*is a file"):
+        RECEModule(str(tiny_pipeline_dir), export_dir=str(blocker))
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        RECEModule(str(blocker))
+    with pytest.raises(NotADirectoryError, match="is a file: create_tiny_pipeline"):
+        RECEModule(str(blocker), create_tiny_pipeline=True)

@@ -40,7 +40,7 @@ from rece_lightning.evaluation.registry import EvaluationMetric, metric_class
 from rece_lightning.evaluation.report import write_reports
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes, check_scorer
 from rece_lightning.evaluation.standard_metrics import CachedDetections
-from rece_lightning.export import load_erased, read_erased
+from rece_lightning.export import check_writable_folder, load_erased, read_erased
 from rece_lightning.precision import check_trainer_precision
 
 VARIANTS = ("original", "erased")
@@ -146,6 +146,8 @@ class ErasureEvaluator(pl.LightningModule):
             if value is not None and (value < 8 or value % 8):
                 raise ValueError(f"{name}={value} is not allowed: a multiple of 8, or null for each prompt's own")
         generation.check_scheduler(scheduler)
+        if output_dir is not None:
+            check_writable_folder("output_dir", output_dir)
         if dtype != "auto":
             diffusion.resolve_dtype(dtype)
         self.nudity_threshold = check_threshold(nudity_threshold)
