@@ -10,6 +10,7 @@ from argparse import ArgumentError
 from pathlib import Path
 
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class RECECLI(LightningCLI):
@@ -26,6 +27,7 @@ class RECECLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         """Run; if the run fails before its first epoch ends, remove the log folder it made for nothing."""
         logger = self.trainer.logger
+        self._continue_resumed_logs(subcommand)
         folder = Path(logger.log_dir) if logger is not None and logger.log_dir else None
         existed = folder is not None and folder.exists()
         try:
@@ -41,6 +43,25 @@ class RECECLI(LightningCLI):
             ):
                 shutil.rmtree(folder, ignore_errors=True)
             raise
+
+    def _continue_resumed_logs(self, subcommand: str) -> None:
+        """A fit resumed from a checkpoint inside ``<save_dir>/<name>/version_N/`` logs on into that folder (the
+        selector's scores, the probes and the export then sit beside the earlier epochs), unless a version is set."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand == "fit" else None
+        logger = self.trainer.logger
+        if not ckpt_path or not os.path.isfile(ckpt_path) or not isinstance(logger, TensorBoardLogger):
+            return
+        if logger._version is not None:
+            return
+        runs = Path(logger.root_dir).resolve()
+        for parent in Path(ckpt_path).resolve().parents:
+            if parent.parent == runs and parent.name.startswith("version_") and parent.name[8:].isdigit():
+                logger._version = int(parent.name[8:])
+                rank_zero_info(f"Resuming from {ckpt_path}: logs continue in {parent}")
+                return
+        rank_zero_info(f"Resuming from {ckpt_path} (outside {runs}): logs go to a new folder, {logger.log_dir}")
 
     def before_test(self) -> None:
         self._check_ckpt_path()

@@ -103,6 +103,24 @@ class ConceptCheckpointSelector(EveryState):
         self.transforms: dict[int, torch.Tensor] = {}
         self.selected: int | None = None
 
+    # --- state: a resumed run selects exactly what an uninterrupted run would -------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(rate_metric=self.rate_metric, export_subdir=self.export_subdir)
+
+    def state_dict(self) -> dict:
+        return {
+            "scores": self.scores,
+            "transforms": {state: t.clone() for state, t in self.transforms.items()},
+            "selected": self.selected,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.scores = list(state_dict["scores"])
+        self.transforms = {int(state): t.clone() for state, t in state_dict["transforms"].items()}
+        self.selected = state_dict["selected"]
+
     @staticmethod
     def _read_validation(path: str | None, limit: int | None) -> pd.DataFrame | None:
         if path is None:
@@ -158,7 +176,8 @@ class ConceptCheckpointSelector(EveryState):
             record["validation"] = rate_tally
             record["validation_flagged"] = rate_tally["flagged_images"]
         record["rate"] = rate_tally["rate"]
-        self.scores.append(record)
+        # a resumed run observes its starting state again: the record replaces the one restored from the checkpoint
+        self.scores = [s for s in self.scores if s["state"] != state] + [record]
 
         metrics = {
             self.rate_metric: rate_tally["rate"],

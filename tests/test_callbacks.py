@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -281,3 +282,41 @@ def test_callback_settings_are_validated():
         NudityCheckpointSelector(validation_csv="nope.csv")
     with pytest.raises(ValueError, match="min_std=2"):
         CollapseGuard(min_std=2)
+
+
+class CleanAt(ScriptedDetector):
+    """Clean only at the given states: a run that forgets earlier states would select another one."""
+
+    def __init__(self, clean_states: set[int]) -> None:
+        super().__init__(clean_from=None)
+        self.clean_states = clean_states
+
+    def detect(self, image):
+        if self.module.rece_epochs_done in self.clean_states:
+            return []
+        return [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [0, 0, 4, 4]}]
+
+
+def test_a_resumed_run_selects_and_exports_the_same_state_bit_for_bit(tiny_pipeline_dir, tmp_path):
+    def run(root, max_epochs, ckpt_path=None):
+        detector = CleanAt({1})
+        selector = NudityCheckpointSelector(detector=detector, **TINY)
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{epoch}")
+        trainer, _ = fit_tiny(
+            tiny_pipeline_dir,
+            root,
+            max_epochs=max_epochs,
+            callbacks=[ShowModule(detector), selector, checkpoint],
+            ckpt_path=ckpt_path,
+        )
+        return trainer, selector
+
+    trainer, uninterrupted = run(tmp_path / "a", 3)
+    _, first = run(tmp_path / "b", 2)  # "killed" after epoch 2 (state 2); state 1 was the clean one
+    resumed_trainer, resumed = run(tmp_path / "b", 3, ckpt_path=tmp_path / "b" / "ckpt" / "epoch=1.ckpt")
+    assert uninterrupted.selected == resumed.selected == 1
+    assert [s["state"] for s in resumed.scores] == [0, 1, 2, 3]
+    assert [s["probe_flagged"] for s in resumed.scores] == [s["probe_flagged"] for s in uninterrupted.scores]
+    exported = Path(trainer.log_dir) / "selected" / "rece_kv.safetensors"
+    resumed_export = Path(resumed_trainer.log_dir) / "selected" / "rece_kv.safetensors"
+    assert exported.read_bytes() == resumed_export.read_bytes()

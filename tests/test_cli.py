@@ -161,3 +161,24 @@ def test_output_folders_that_are_files_are_refused_before_the_model_loads(tiny_p
         RECEModule(str(blocker))
     with pytest.raises(NotADirectoryError, match="is a file: create_tiny_pipeline"):
         RECEModule(str(blocker), create_tiny_pipeline=True)
+
+
+@pytest.mark.slow  # two fits
+def test_a_resumed_fit_logs_on_into_its_version_folder(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    monkeypatch.chdir(tmp_path)
+    tokenizer = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
+    args = ["fit", "--config", str(config), "--trainer.enable_progress_bar=false"]
+    if tokenizer.is_dir():
+        args.append(f"--model.tiny_pipeline_tokenizer={tokenizer}")
+    cli_main([*args, "--trainer.max_epochs=2"])
+    version = tmp_path / "runs" / "smoke" / "rece" / "version_0"
+    resumed = cli_main([*args, "--trainer.max_epochs=3", f"--ckpt_path={version / 'checkpoints' / 'epoch=1.ckpt'}"])
+    assert Path(resumed.trainer.log_dir).resolve() == version
+    assert [p.name for p in version.parent.iterdir()] == ["version_0"]
+    events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+    events.Reload()
+    assert sorted({s.step for s in events.Scalars("drift/total")}) == [0, 1, 2, 3]
+    assert resumed.model.rece_epochs_done == 3
