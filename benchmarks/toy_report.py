@@ -10,6 +10,9 @@ For the original model, after UCE alone (state 0) and after each RECE epoch 1..N
 * ``other_colour_accuracy``: colour accuracy on prompts of the other colours (what must be spared);
 * ``erased_shape_accuracy``: shape accuracy on the concept's prompts (the object should stay, only its colour go);
 * ``erased_prompts_colours``: which colour the concept's prompts draw instead;
+* ``guide_concept_rate`` (original model only): how often the guide prompt itself draws the concept. Erasure sends
+  the concept's prompts towards the guide, so this is the floor of ``concept_rate_prompts``: in the toy world every
+  object has a colour, and the empty prompt " " draws red in about 40 % of images;
 * ``fid_unrelated`` / ``lpips_unrelated``: the other colours' images against the original model's (same prompts and
   seeds), over a seeded random CNN (no Inception / AlexNet offline): comparable within this report only.
 
@@ -59,6 +62,11 @@ class StateMeter:
 
     def rate(self, images: np.ndarray) -> float:
         return self.scorer.tally(self.scorer.detect(images))["rate"]
+
+    def guide_rate(self, guide: str) -> float:
+        """The concept's rate on images of the guide prompt (same seeds as the concept's prompts)."""
+        _, seeds, _ = self.concept_set
+        return self.rate(generate(self.pipeline, [guide] * len(seeds), seeds))
 
     def measure(self, derived: torch.Tensor | None, keep_images: bool = False, images: int | None = None) -> dict:
         prompts, seeds, labels = (column[:images] for column in self.concept_set)
@@ -131,6 +139,7 @@ def run(args) -> dict:
 
     main = module_for(args.reg)
     measured = meter.measure(main.derived_embeddings()[args.concept], keep_images=True)
+    measured["guide_concept_rate"] = meter.guide_rate(args.guide)
     grid["original"] = measured
     report["states"]["original"] = _public(measured)
     for reg in [args.reg, *[r for r in args.sweep if r != args.reg]]:
@@ -179,6 +188,7 @@ def _summary(report: dict, args) -> dict:
     )
     return {
         "concept_rate_before": original["concept_rate_prompts"],
+        "guide_concept_rate": original["guide_concept_rate"],
         "concept_rate_after_uce": states["uce"]["concept_rate_prompts"],
         "probe_rate_after_uce": states["uce"]["concept_rate_probes"],
         "first_state_with_clean_probes": first_clean,
@@ -221,6 +231,13 @@ def _figure(grid: dict, report: dict, args, path: Path) -> None:
                 label="other colours' accuracy",
             )
     right.axhline(report["states"]["original"]["concept_rate_prompts"], color="grey", lw=0.8)
+    right.axhline(
+        report["states"]["original"]["guide_concept_rate"],
+        color="purple",
+        lw=0.8,
+        ls="-.",
+        label=f"guide {args.guide!r} itself (floor)",
+    )
     right.set_xlabel("state (0 = after UCE, k = after k RECE epochs)")
     right.set_ylabel(f"share of images showing '{args.concept}' / accuracy")
     right.set_ylim(-0.03, 1.03)
