@@ -54,6 +54,7 @@ def test_config_parses_against_the_code_and_is_headed_by_its_command(
         assert cli.datamodule.num_prompts > 0
 
 
+@pytest.mark.slow  # end to end
 def test_smoke_config_runs_the_whole_loop(tmp_path, monkeypatch):
     config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
     monkeypatch.chdir(tmp_path)

@@ -44,7 +44,14 @@ def test_fit_exports_only_the_kv_weights_with_a_manifest(fitted, tiny_pipeline_d
     manifest = read_manifest(folder)
     assert manifest["base_model"] == str(tiny_pipeline_dir)
     assert manifest["erase_concepts"] == ["nudity"] and manifest["guide_concepts"] == [" "]
-    assert manifest["hyperparameters"] == {"lamb": 0.1, "erase_scale": 1.0, "preserve_scale": 0.1, "reg": 0.1}
+    assert manifest["hyperparameters"] == {
+        "lamb": 0.1,
+        "erase_scale": 1.0,
+        "preserve_scale": 0.1,
+        "reg": 0.1,
+        "uce_lamb": None,
+        "uce_preserve_scale": None,
+    }
     assert manifest["token_modes"] == {"uce": "last_word_onward", "rece": "all"}
     assert manifest["rece_epochs"] == 2 and manifest["num_kv_matrices"] == len(weights)
     assert {"torch", "diffusers", "lightning"} <= set(manifest["versions"])

@@ -245,6 +245,7 @@ def test_toy_training_is_a_real_lightning_run_that_saves_a_loadable_pipeline(tmp
     assert Path(tmp_path / "toy" / "toyworld.json").is_file()
 
 
+@pytest.mark.slow  # end to end
 def test_toy_config_is_the_offline_main_command(toy_model_dir, tmp_path, monkeypatch):
     from train import cli_main
 
