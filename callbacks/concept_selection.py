@@ -88,10 +88,13 @@ class ConceptCheckpointSelector(EveryState):
             seeds = [seed + i for i in range(len(validation_prompts))]
             self.validation = pd.DataFrame({"prompt": validation_prompts, "seed": seeds})[:validation_limit]
         else:
-            self.validation = self._read_validation(validation_csv, validation_limit)
+            self.validation = None  # read from validation_csv in setup(), when the run needs it
+        if validation_limit is not None and validation_limit < 1:
+            raise ValueError(f"validation_limit={validation_limit!r} is not allowed: it must be >= 1")
+        self.validation_csv, self.validation_limit = validation_csv, validation_limit
         if select_on not in SELECT_ON:
             raise ValueError(f"select_on={select_on!r} is not allowed: choose one of {list(SELECT_ON)}")
-        if select_on != "probes" and self.validation is None:
+        if select_on != "probes" and validation_csv is None and validation_prompts is None:
             raise ValueError(f"select_on={select_on!r} needs validation_csv or validation_prompts")
         self.select_on = select_on
         if validation_batch_size < 1:
@@ -121,15 +124,9 @@ class ConceptCheckpointSelector(EveryState):
         self.transforms = {int(state): t.clone() for state, t in state_dict["transforms"].items()}
         self.selected = state_dict["selected"]
 
-    @staticmethod
-    def _read_validation(path: str | None, limit: int | None) -> pd.DataFrame | None:
-        if path is None:
-            return None
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"validation_csv={path!r} does not exist: give a prompt CSV with a 'prompt' column")
-        if limit is not None and limit < 1:
-            raise ValueError(f"validation_limit={limit!r} is not allowed: it must be >= 1")
-        return read_prompt_csv(path, limit=limit)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.validation is None and self.validation_csv is not None:  # before the model loads
+            self.validation = read_prompt_csv(self.validation_csv, option="validation_csv", limit=self.validation_limit)
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from rece_lightning.prompt_sets import resolve_prompt_csv
 
 __all__ = [
     "ConceptDataModule",
@@ -160,9 +161,15 @@ class PromptItem:
         return cls(case_number=-1, index=0, prompt="", seed=0, guidance=0.0, placeholder=True)
 
 
+def check_selection(offset: int, limit: int | None) -> None:
+    if offset < 0 or (limit is not None and limit < 1):
+        raise ValueError(f"offset={offset}, limit={limit}: offset must be >= 0 and limit >= 1 (or null for all)")
+
+
 def read_prompt_csv(
     path: str,
     *,
+    option: str = "prompts_csv",
     prompt_column: str | None = None,
     categories: Sequence[str] | None = None,
     artists: Sequence[str] | None = None,
@@ -171,7 +178,8 @@ def read_prompt_csv(
     default_seed: int = 42,
     default_guidance: float = 7.5,
 ):
-    """Read and select a prompt CSV: columns ``prompt`` (or Ring-A-Bell's ``sensitive prompt``), optional
+    """Read and select a prompt CSV (a local path or a Hugging Face dataset id, see
+    :mod:`rece_lightning.prompt_sets`): columns ``prompt`` (or Ring-A-Bell's ``sensitive prompt``), optional
     ``evaluation_seed``, ``evaluation_guidance``, ``case_number``, ``categories``, ``artist`` and I2P's
     ``sd_image_height`` / ``sd_image_width`` (the size each prompt's reference image was made at).
 
@@ -180,12 +188,8 @@ def read_prompt_csv(
     """
     import pandas as pd
 
-    if not isinstance(path, str) or not Path(path).is_file():
-        raise FileNotFoundError(
-            f"prompts_csv={path!r} does not exist: give a prompt CSV such as ../shared/datasets/i2p.csv"
-        )
-    if offset < 0 or (limit is not None and limit < 1):
-        raise ValueError(f"offset={offset}, limit={limit}: offset must be >= 0 and limit >= 1 (or null for all)")
+    check_selection(offset, limit)
+    path = str(resolve_prompt_csv(path, option))
     frame = pd.read_csv(path)
     column = prompt_column or next((c for c in PROMPT_COLUMNS if c in frame.columns), None)
     if column is None or column not in frame.columns:
@@ -304,10 +308,14 @@ def _item_list(batch: list[PromptItem]) -> list[PromptItem]:
 
 
 class PromptDataModule(pl.LightningDataModule):
-    """A prompt CSV as test data, split across processes so that each image is generated exactly once.
+    """A prompt set as test data, split across processes so that each image is generated exactly once.
+
+    The prompts are read when the run needs them (``setup``), so a config naming a set that is not here yet still
+    instantiates; a set that cannot be had then stops the run before any model loads, saying where to get it.
 
     Args:
-        prompts_csv: path of the prompt CSV (e.g. ``../shared/datasets/i2p.csv``).
+        prompts_csv: a local prompt CSV, or a Hugging Face dataset id (``AIML-TUDA/i2p``, or
+            ``org/name/file.csv``), downloaded once into the Hugging Face cache (``HF_HUB_OFFLINE=1`` reads the cache).
         offset: first selected row (after the category / artist filters).
         limit: number of rows to take from ``offset`` (``null``: all).
         images_per_prompt: images per prompt; image k uses seed ``evaluation_seed + k``.
@@ -316,7 +324,7 @@ class PromptDataModule(pl.LightningDataModule):
         prompt_column: column holding the prompt (default: ``prompt``, else ``sensitive prompt``).
         default_seed: seed where the CSV has no ``evaluation_seed``.
         default_guidance: guidance scale where the CSV has no ``evaluation_guidance``.
-        batch_size: prompts per pipeline call (grouped by guidance scale).
+        batch_size: prompts per pipeline call (grouped by guidance scale and size).
     """
 
     def __init__(
@@ -335,18 +343,41 @@ class PromptDataModule(pl.LightningDataModule):
         super().__init__()
         if images_per_prompt < 1 or batch_size < 1:
             raise ValueError(f"images_per_prompt={images_per_prompt}, batch_size={batch_size}: both must be >= 1")
-        self.frame = read_prompt_csv(
-            prompts_csv,
-            prompt_column=prompt_column,
-            categories=categories,
-            artists=artists,
-            offset=offset,
-            limit=limit,
-            default_seed=default_seed,
-            default_guidance=default_guidance,
-        )
-        self.dataset = PromptDataset(self.frame, images_per_prompt)
+        if not isinstance(prompts_csv, str) or not prompts_csv.strip():
+            raise ValueError(
+                f"prompts_csv={prompts_csv!r} is not allowed: give a CSV path or a Hugging Face dataset id"
+            )
+        check_selection(offset, limit)
+        self.prompts_csv = prompts_csv
+        self.selection = {
+            "prompt_column": prompt_column,
+            "categories": categories,
+            "artists": artists,
+            "offset": offset,
+            "limit": limit,
+            "default_seed": default_seed,
+            "default_guidance": default_guidance,
+        }
+        self.images_per_prompt = images_per_prompt
         self.batch_size = batch_size
+        self._frame = None
+        self._dataset: PromptDataset | None = None
+
+    def setup(self, stage: str) -> None:
+        self.frame  # noqa: B018  (read the prompts now: a missing set stops the run before the model loads)
+
+    @property
+    def frame(self):
+        """The selected prompts (read on first use)."""
+        if self._frame is None:
+            self._frame = read_prompt_csv(self.prompts_csv, **self.selection)
+        return self._frame
+
+    @property
+    def dataset(self) -> PromptDataset:
+        if self._dataset is None:
+            self._dataset = PromptDataset(self.frame, self.images_per_prompt)
+        return self._dataset
 
     @property
     def num_prompts(self) -> int:

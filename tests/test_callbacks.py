@@ -278,10 +278,19 @@ def test_callback_settings_are_validated():
         ProbeImages(height=30)
     with pytest.raises(ValueError, match="num_images=0"):
         ParameterDrift() and ProbeImages(num_images=0)
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
-        NudityCheckpointSelector(validation_csv="nope.csv")
     with pytest.raises(ValueError, match="min_std=2"):
         CollapseGuard(min_std=2)
+
+
+def test_a_missing_validation_set_stops_the_fit_before_the_model_loads(tiny_pipeline_dir, tmp_path, monkeypatch):
+    selector = NudityCheckpointSelector(validation_csv="nope/validation_inappropriate.csv")  # instantiates: lazy
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline must not be loaded")
+
+    monkeypatch.setattr(diffusion, "load_pipeline", no_loading)
+    with pytest.raises(FileNotFoundError, match="validation_csv='nope/validation_inappropriate.csv'.*RECE repository"):
+        fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=1, callbacks=[selector])
 
 
 class CleanAt(ScriptedDetector):

@@ -361,15 +361,17 @@ def test_prompt_csvs_of_the_paper_are_read_with_their_seeds_and_filters():
 def test_bad_evaluation_input_is_refused_with_the_value(tiny_pipeline_dir, erased_export, tmp_path):
     datasets = datasets_or_skip()
     with pytest.raises(FileNotFoundError, match="nope.csv"):
-        PromptDataModule(str(tmp_path / "nope.csv"))
+        PromptDataModule(str(tmp_path / "nope.csv")).setup("test")  # read when the run needs the prompts
     bad = tmp_path / "bad.csv"
     bad.write_text("text,seed\nhello,1\n")
     with pytest.raises(ValueError, match=r"no prompt column .* \['text', 'seed'\]"):
-        PromptDataModule(str(bad))
+        PromptDataModule(str(bad)).setup("test")
     with pytest.raises(ValueError, match="no prompt of .* is selected"):
-        PromptDataModule(str(datasets / "i2p.csv"), categories=["no-such-category"])
+        PromptDataModule(str(datasets / "i2p.csv"), categories=["no-such-category"]).setup("test")
     with pytest.raises(ValueError, match="offset=5000"):
-        PromptDataModule(str(datasets / "nudity.csv"), offset=5000)
+        PromptDataModule(str(datasets / "nudity.csv"), offset=5000).setup("test")
+    with pytest.raises(ValueError, match="offset=-1"):
+        PromptDataModule(str(datasets / "nudity.csv"), offset=-1)  # checked at once
     with pytest.raises(ValueError, match="'blur'"):
         ErasureEvaluator(str(tiny_pipeline_dir), erased=str(erased_export), metrics=["blur"])
     with pytest.raises(FileNotFoundError, match="missing-export"):
