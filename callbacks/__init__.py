@@ -4,5 +4,13 @@ from callbacks.collapse import CollapseGuard
 from callbacks.concept_selection import ConceptCheckpointSelector, NudityCheckpointSelector
 from callbacks.drift import ParameterDrift
 from callbacks.probe_images import ProbeImages
+from callbacks.probing import ProbeSettings
 
-__all__ = ["CollapseGuard", "ConceptCheckpointSelector", "NudityCheckpointSelector", "ParameterDrift", "ProbeImages"]
+__all__ = [
+    "CollapseGuard",
+    "ConceptCheckpointSelector",
+    "NudityCheckpointSelector",
+    "ParameterDrift",
+    "ProbeImages",
+    "ProbeSettings",
+]

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.drift import relative_drift
-from callbacks.probing import EveryState, ProbeSettings, generate_probes
+from callbacks.probing import EveryState, ProbeSettings, check_probe_settings, generate_probes
 
 
 def collapse_reasons(images: np.ndarray, min_std: float) -> list[str]:
@@ -44,12 +44,7 @@ class CollapseGuard(EveryState):
         min_std: float = 0.02,
         max_drift: float = 10.0,
         stop_on_collapse: bool = False,
-        num_images: int = 1,
-        seed: int = 0,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
-        height: int = 512,
-        width: int = 512,
+        probe: ProbeSettings | None = None,
     ) -> None:
         if not 0 <= min_std < 1:
             raise ValueError(f"min_std={min_std!r} is not allowed: pixel standard deviations lie in [0, 1)")
@@ -58,7 +53,7 @@ class CollapseGuard(EveryState):
         self.min_std = min_std
         self.max_drift = max_drift
         self.stop_on_collapse = stop_on_collapse
-        self.settings = ProbeSettings(num_images, seed, num_inference_steps, guidance_scale, height, width)
+        self.settings = check_probe_settings(probe)
         self.collapsed_states: list[int] = []
 
     def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:

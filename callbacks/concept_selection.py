@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
-from callbacks.probing import EveryState, ProbeSettings, generate_probes
+from callbacks.probing import EveryState, ProbeSettings, check_probe_settings, generate_probes
 from rece_lightning.data import read_prompt_csv
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, Detector, NudityScorer
 from rece_lightning.evaluation.scoring import ImageScorer, check_scorer
@@ -54,7 +54,8 @@ class ConceptCheckpointSelector(EveryState):
         validation_batch_size: prompts per pipeline call.
         stop_when_clean: stop training once a clean state is found.
         export_subdir: where the selected state is written, under the run's log folder.
-        num_images, seed, num_inference_steps, guidance_scale, height, width: probe generation, as in ProbeImages.
+        probe: probe sampling (:class:`~callbacks.probing.ProbeSettings`), as in ProbeImages; validation prompt ``i``
+            uses seed ``probe.seed + i`` and the same sampler.
     """
 
     flagged_name = "flagged"
@@ -70,22 +71,17 @@ class ConceptCheckpointSelector(EveryState):
         select_on: str = "probes",
         stop_when_clean: bool = False,
         export_subdir: str = "selected",
-        num_images: int = 1,
-        seed: int = 0,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
-        height: int = 512,
-        width: int = 512,
+        probe: ProbeSettings | None = None,
     ) -> None:
         self.scorer = check_scorer(scorer, type(self).__name__)
         self.rate_metric = rate_metric
-        self.settings = ProbeSettings(num_images, seed, num_inference_steps, guidance_scale, height, width)
+        self.settings = check_probe_settings(probe)
         if validation_csv is not None and validation_prompts is not None:
             raise ValueError("validation_csv and validation_prompts are both given: choose one source of prompts")
         if validation_prompts is not None:
             if not validation_prompts or not all(isinstance(p, str) and p.strip() for p in validation_prompts):
                 raise ValueError(f"validation_prompts={validation_prompts!r} is not allowed: give non-empty prompts")
-            seeds = [seed + i for i in range(len(validation_prompts))]
+            seeds = [self.settings.seed + i for i in range(len(validation_prompts))]
             self.validation = pd.DataFrame({"prompt": validation_prompts, "seed": seeds})[:validation_limit]
         else:
             self.validation = None  # read from validation_csv in setup(), when the run needs it
@@ -269,12 +265,7 @@ class NudityCheckpointSelector(ConceptCheckpointSelector):
         validation_batch_size: int = 8,
         stop_when_clean: bool = False,
         export_subdir: str = "selected",
-        num_images: int = 1,
-        seed: int = 0,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
-        height: int = 512,
-        width: int = 512,
+        probe: ProbeSettings | None = None,
         detector: Detector | None = None,
     ) -> None:
         super().__init__(
@@ -285,10 +276,5 @@ class NudityCheckpointSelector(ConceptCheckpointSelector):
             validation_batch_size=validation_batch_size,
             stop_when_clean=stop_when_clean,
             export_subdir=export_subdir,
-            num_images=num_images,
-            seed=seed,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
+            probe=probe,
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from PIL import Image
 
-from callbacks.probing import EveryState, ProbeSettings, generate_probes, image_grid, slug
+from callbacks.probing import EveryState, ProbeSettings, check_probe_settings, generate_probes, image_grid, slug
 from rece_lightning.evaluation.nudity import to_uint8
 
 
@@ -20,26 +20,18 @@ class ProbeImages(EveryState):
     ``<log_dir>/probes/state_<k>/``.
 
     Args:
-        num_images: images per concept and kind.
-        seed: image ``i`` uses seed ``seed + i``, the same for c' and for the prompt.
-        num_inference_steps: denoising steps.
-        guidance_scale: classifier-free guidance scale.
-        height: image height in pixels (multiple of 8).
-        width: image width in pixels (multiple of 8).
+        probe: how probes are sampled (:class:`~callbacks.probing.ProbeSettings`: ``num_images``, ``seed``,
+            ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``); give the same object to every
+            callback (a YAML anchor) and the images of a state are generated once for all of them.
         save_png: also write the images as PNG files.
     """
 
     def __init__(
         self,
-        num_images: int = 1,
-        seed: int = 0,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
-        height: int = 512,
-        width: int = 512,
+        probe: ProbeSettings | None = None,
         save_png: bool = True,
     ) -> None:
-        self.settings = ProbeSettings(num_images, seed, num_inference_steps, guidance_scale, height, width)
+        self.settings = check_probe_settings(probe)
         self.save_png = save_png
 
     def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:

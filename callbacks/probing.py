@@ -1,13 +1,13 @@
 """Probe images of a RECE state: what the derived embedding c' (Eq. 8) and the plain concept prompt generate.
 
-Shared by the probe, nudity-selection and collapse callbacks, each of which works alone; when several run, the
-images of one model state are generated once (memoised per module and state).
+Shared by the probe, selection and collapse callbacks, each of which works alone; when several run with equal
+``ProbeSettings``, the images of one model state are generated once (cached per module, state and settings).
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import numpy as np
@@ -40,6 +40,15 @@ class ProbeSettings:
             raise ValueError(f"guidance_scale={self.guidance_scale!r} is not allowed: it must be a finite number")
 
 
+def check_probe_settings(probe: ProbeSettings | None) -> ProbeSettings:
+    """The callbacks' ``probe`` argument: a :class:`ProbeSettings` (default values if None)."""
+    if probe is None:
+        return ProbeSettings()
+    if not isinstance(probe, ProbeSettings):
+        raise TypeError(f"probe={probe!r} is not allowed: give a ProbeSettings (num_images, seed, ... in a config)")
+    return probe
+
+
 @dataclass(frozen=True)
 class Probes:
     """Images (N, H, W, 3) in [0, 1] per concept: from c' (``derived``) and from the concept's own prompt."""
@@ -53,10 +62,12 @@ class Probes:
 def generate_probes(module, settings: ProbeSettings) -> Probes:
     """One batched pipeline call over all concepts x {c', prompt}; K/V weights and global RNG are left untouched."""
     state = int(module.edits_applied)
-    key = (state, astuple(settings))
     cached = _MEMO.get(module)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cached is None or cached[0] != state:  # a new state: the images of the previous one are not needed again
+        cached = (state, {})
+        _MEMO[module] = cached
+    if settings in cached[1]:
+        return cached[1][settings]
     pipeline = module.pipeline
     concepts = list(module.concepts.erase)
     derived = module.derived_embeddings()
@@ -89,7 +100,7 @@ def generate_probes(module, settings: ProbeSettings) -> Probes:
         derived={c: images[0, i] for i, c in enumerate(concepts)},
         prompt={c: images[1, i] for i, c in enumerate(concepts)},
     )
-    _MEMO[module] = (key, probes)
+    cached[1][settings] = probes
     return probes
 
 

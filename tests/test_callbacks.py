@@ -18,6 +18,7 @@ from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, NudityScorer, to_b
 from tests.conftest import datasets_or_skip, fit_tiny
 
 TINY = {"num_images": 2, "num_inference_steps": 2, "height": 32, "width": 32}
+PROBE = ProbeSettings(**TINY)  # one probe-settings object for every callback: images made once per state
 
 
 class ScriptedDetector:
@@ -60,10 +61,10 @@ def full_run(tiny_pipeline_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("callbacks")
     detector = ScriptedDetector(clean_from=1)
     callbacks = [
-        ProbeImages(**TINY),
+        ProbeImages(probe=PROBE),
         ParameterDrift(),
-        NudityCheckpointSelector(detector=detector, **TINY),
-        CollapseGuard(**TINY),
+        NudityCheckpointSelector(detector=detector, probe=PROBE),
+        CollapseGuard(probe=PROBE),
         pl.callbacks.ModelCheckpoint(
             dirpath=root / "ckpt", monitor="val/nudity_rate", mode="min", save_top_k=-1, filename="{epoch}"
         ),
@@ -177,7 +178,7 @@ def test_probe_generation_leaves_kv_weights_and_global_rng_untouched(tiny_pipeli
 
 def test_never_clean_exports_the_fewest_detections_and_says_so(tiny_pipeline_dir, tmp_path):
     detector = ScriptedDetector(clean_from=None)
-    selector = NudityCheckpointSelector(detector=detector, **TINY)
+    selector = NudityCheckpointSelector(detector=detector, probe=PROBE)
 
     with pytest.warns(UserWarning, match="never clean"):
         trainer, _ = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=1, callbacks=[ShowModule(detector), selector])
@@ -189,7 +190,7 @@ def test_never_clean_exports_the_fewest_detections_and_says_so(tiny_pipeline_dir
 def test_stop_when_clean_ends_the_run_early(tiny_pipeline_dir, tmp_path):
     detector = ScriptedDetector(clean_from=1)
 
-    selector = NudityCheckpointSelector(detector=detector, stop_when_clean=True, **TINY)
+    selector = NudityCheckpointSelector(detector=detector, stop_when_clean=True, probe=PROBE)
     trainer, module = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=5, callbacks=[ShowModule(detector), selector])
     assert selector.selected == 1 and module.rece_epochs_done == 1
 
@@ -199,7 +200,10 @@ def test_validation_prompts_from_a_csv_set_the_nudity_rate(tiny_pipeline_dir, tm
     detector = ScriptedDetector(clean_from=None)
 
     selector = NudityCheckpointSelector(
-        detector=detector, validation_csv=str(datasets / "validation_inappropriate.csv"), validation_limit=3, **TINY
+        detector=detector,
+        validation_csv=str(datasets / "validation_inappropriate.csv"),
+        validation_limit=3,
+        probe=PROBE,
     )
     fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=1, callbacks=[ShowModule(detector), selector])
     assert [s["validation"]["images"] for s in selector.scores] == [3, 3]
@@ -254,7 +258,7 @@ def test_bgr_conversion_matches_nudenet_convention():
 
 
 def test_collapse_guard_warns_and_stops_on_an_absurd_erase_scale(tiny_pipeline_dir, tmp_path):
-    guard = CollapseGuard(stop_on_collapse=True, **TINY)
+    guard = CollapseGuard(stop_on_collapse=True, probe=PROBE)
     with pytest.warns(UserWarning, match="collapsed"):
         trainer, module = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=3, erase_scale=1e12, callbacks=[guard])
     assert guard.collapsed_states and module.rece_epochs_done <= 1
@@ -265,7 +269,7 @@ def test_collapse_guard_warns_and_stops_on_an_absurd_erase_scale(tiny_pipeline_d
 
 
 def test_collapse_guard_records_the_non_finite_stop_in_tensorboard(tiny_pipeline_dir, tmp_path):
-    guard = CollapseGuard(**TINY)
+    guard = CollapseGuard(probe=PROBE)
     with pytest.raises(FloatingPointError):
         fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=2, erase_scale=1e308, callbacks=[guard])
     events = _events(tmp_path / "rece" / "version_0")
@@ -275,9 +279,11 @@ def test_collapse_guard_records_the_non_finite_stop_in_tensorboard(tiny_pipeline
 
 def test_callback_settings_are_validated():
     with pytest.raises(ValueError, match="height=30"):
-        ProbeImages(height=30)
+        ProbeImages(probe=ProbeSettings(height=30))
     with pytest.raises(ValueError, match="num_images=0"):
-        ParameterDrift() and ProbeImages(num_images=0)
+        ParameterDrift() and ProbeImages(probe=ProbeSettings(num_images=0))
+    with pytest.raises(TypeError, match="probe=.* is not allowed: give a ProbeSettings"):
+        ProbeImages(probe={"num_images": 2})
     with pytest.raises(ValueError, match="min_std=2"):
         CollapseGuard(min_std=2)
 
@@ -309,7 +315,7 @@ class CleanAt(ScriptedDetector):
 def test_a_resumed_run_selects_and_exports_the_same_state_bit_for_bit(tiny_pipeline_dir, tmp_path):
     def run(root, max_epochs, ckpt_path=None):
         detector = CleanAt({1})
-        selector = NudityCheckpointSelector(detector=detector, **TINY)
+        selector = NudityCheckpointSelector(detector=detector, probe=PROBE)
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{epoch}")
         trainer, _ = fit_tiny(
             tiny_pipeline_dir,
@@ -335,3 +341,26 @@ def test_a_resumed_run_selects_and_exports_the_same_state_bit_for_bit(tiny_pipel
     assert first_weights.keys() == resumed_weights.keys()
     for name, weight in first_weights.items():
         assert torch.equal(weight, resumed_weights[name]), name
+
+
+def test_callbacks_sharing_one_probe_object_generate_each_state_once(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    calls = []
+    original = StableDiffusionPipeline.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("num_inference_steps"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counting)
+    detector = ScriptedDetector(clean_from=None)
+    callbacks = [
+        ShowModule(detector),
+        ProbeImages(probe=PROBE, save_png=False),
+        NudityCheckpointSelector(detector=detector, probe=PROBE),
+        CollapseGuard(probe=PROBE),
+    ]
+    with pytest.warns(UserWarning, match="never clean"):
+        fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=1, callbacks=callbacks)
+    assert len(calls) == 2  # states 0 and 1, one batched call each, for all three callbacks

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from callbacks import ConceptCheckpointSelector, ProbeImages
+from callbacks import ConceptCheckpointSelector, ProbeImages, ProbeSettings
 from rece_lightning import RECEModule, diffusion, load_erased
 from rece_lightning.data import PromptDataModule
 from rece_lightning.evaluation import ErasureEvaluator
@@ -149,11 +149,12 @@ def test_erasing_one_colour_lowers_its_rate_and_keeps_another(toy_model_dir, fre
 
 def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detections(toy_model_dir, tmp_path):
     settings = {"num_images": 6, "height": 32, "width": 32, "guidance_scale": 5.0, **FAST}
-    selector = ConceptCheckpointSelector(ToyWorldScorer(["red"]), **settings)
+    probe = ProbeSettings(**settings)
+    selector = ConceptCheckpointSelector(ToyWorldScorer(["red"]), probe=probe)
     checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ckpt", monitor="val/concept_rate", mode="min", save_top_k=-1, filename="{epoch}"
     )
-    callbacks = [ProbeImages(**settings), selector, checkpoint]
+    callbacks = [ProbeImages(probe=probe), selector, checkpoint]
     fit_tiny(toy_model_dir, tmp_path, max_epochs=3, callbacks=callbacks, erase_concepts=["red"], guide_concepts=" ")
     flagged = [s["probe_flagged"] for s in selector.scores]
     assert flagged[0] > 0, flagged  # after UCE alone, c' still draws red (the paper's point): not a vacuous check
