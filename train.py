@@ -16,6 +16,18 @@ from lightning.pytorch.utilities import rank_zero_info
 class RECECLI(LightningCLI):
     """LightningCLI with the checks a RECE fit needs before anything loads."""
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """A RECE fit on several devices or nodes runs on ``rece_ddp``: DDP without the model wrapper (a closed-form
+        module has no parameters for DistributedDataParallel to wrap)."""
+        from rece_lightning.distributed import STRATEGY_NAME
+        from rece_lightning.module import RECEModule
+
+        fitting = self.subcommand in ("fit", None)  # None: built without running (run=False)
+        if fitting and isinstance(self.model, RECEModule) and config.get("strategy") in ("auto", "ddp"):
+            if _several(config.get("devices", "auto")) or int(config.get("num_nodes") or 1) > 1:
+                config = {**config, "strategy": STRATEGY_NAME}
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_fit(self) -> None:
         from rece_lightning.module import RECEModule
 
@@ -74,6 +86,18 @@ class RECECLI(LightningCLI):
             and not os.path.isfile(ckpt_path)
         ):
             raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist: give a checkpoint file to resume from")
+
+
+def _several(devices) -> bool:
+    """Whether ``--trainer.devices`` may mean more than one device ("auto" and -1 mean all there are)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        return True
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()]) > 1
+    return text.isdigit() and int(text) > 1
 
 
 START_UP_FILES = ("config.yaml", "hparams.yaml")

@@ -85,8 +85,8 @@ class CollapseGuard(EveryState):
                 f"{'; '.join(reasons[:3])}{' ...' if len(reasons) > 3 else ''}. Lower erase_scale or raise lamb; "
                 f"{action}."
             )
-            if self.stop_on_collapse:
-                trainer.should_stop = True
+        if self.stop_on_collapse and trainer.strategy.reduce_boolean_decision(bool(reasons), all=False):
+            trainer.should_stop = True
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """The module stops the run on non-finite K/V weights; put the reason where the other warnings are."""

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from callbacks.probing import EveryState, ProbeSettings, check_probe_settings, generate_probes
 from rece_lightning.data import read_prompt_csv
+from rece_lightning.distributed import sharded_map
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, Detector, NudityScorer
 from rece_lightning.evaluation.scoring import ImageScorer, check_scorer
 from rece_lightning.export import save_erased
@@ -127,6 +128,7 @@ class ConceptCheckpointSelector(EveryState):
     # --- hooks ---------------------------------------------------------------------------------------------------
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir  # on every process: it is a collective under DDP
         if not trainer.is_global_zero or not self.scores:
             return
         if self.selected is not None:
@@ -142,7 +144,7 @@ class ConceptCheckpointSelector(EveryState):
                 f"{self.selected}, the one with the fewest detections ({self._flagged(best)}), earliest on ties"
             )
             rank_zero_warn(f"{type(self).__name__}: {reason}")
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / self.export_subdir
+        folder = Path(log_dir or trainer.default_root_dir) / self.export_subdir
         weights = pl_module.weights_for(self.transforms[self.selected].to(pl_module.device))
         manifest = {
             **pl_module.manifest(),
@@ -156,19 +158,23 @@ class ConceptCheckpointSelector(EveryState):
     # --- scoring -------------------------------------------------------------------------------------------------
 
     def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
-        probes = generate_probes(pl_module, self.settings)
+        probes = generate_probes(pl_module, self.settings)  # shared out across processes, gathered on each
         state = probes.state
         self.transforms[state] = pl_module.transform.detach().to("cpu", copy=True)
-        probe_images = np.concatenate(list(probes.derived.values()))
-        probe_found = self.scorer.detect(probe_images)
-        probe_tally = self.scorer.tally(probe_found)
-        record = {"state": state, "probe_flagged": probe_tally["flagged_images"], "probe": probe_tally}
-        rate_tally = probe_tally
-        if self.validation is not None:
-            rate_tally = self.scorer.tally(self.scorer.detect(self._validation_images(pl_module)))
-            record["validation"] = rate_tally
-            record["validation_flagged"] = rate_tally["flagged_images"]
-        record["rate"] = rate_tally["rate"]
+        validation_images = self._validation_images(pl_module) if self.validation is not None else None
+        record = None
+        if trainer.is_global_zero:  # one detector pass; every process then takes rank 0's record
+            probe_tally = self.scorer.tally(self.scorer.detect(np.concatenate(list(probes.derived.values()))))
+            record = {"state": state, "probe_flagged": probe_tally["flagged_images"], "probe": probe_tally}
+            rate_tally = probe_tally
+            if validation_images is not None:
+                rate_tally = self.scorer.tally(self.scorer.detect(validation_images))
+                record["validation"] = rate_tally
+                record["validation_flagged"] = rate_tally["flagged_images"]
+            record["rate"] = rate_tally["rate"]
+        record = trainer.strategy.broadcast(record, src=0)
+        rate_tally = record.get("validation", record["probe"])
+        probe_tally = record["probe"]
         # a resumed run observes its starting state again: the record replaces the one restored from the checkpoint
         self.scores = [s for s in self.scores if s["state"] != state] + [record]
 
@@ -211,34 +217,41 @@ class ConceptCheckpointSelector(EveryState):
 
     @torch.no_grad()
     def _validation_images(self, pl_module) -> np.ndarray:
+        """Every validation prompt's image at this state; on several processes each makes its share."""
         pipeline = pl_module.pipeline
         frame = self.validation
         seeds, prompts = list(frame["seed"]), list(frame["prompt"])
-        images = []
+        trainer = pl_module.trainer
         progress = tqdm(
             total=len(prompts),
             desc=f"validation images of state {pl_module.rece_epochs_done}",
             unit="image",
             leave=False,
-            disable=pl_module.trainer.progress_bar_callback is None,
+            disable=trainer.progress_bar_callback is None or not trainer.is_global_zero,
         )
-        for start in range(0, len(prompts), self.validation_batch_size):
-            chunk = slice(start, start + self.validation_batch_size)
-            generators = [torch.Generator(device=pipeline.device).manual_seed(int(seed)) for seed in seeds[chunk]]
-            images.append(
-                pipeline(
-                    prompts[chunk],
-                    num_inference_steps=self.settings.num_inference_steps,
-                    guidance_scale=self.settings.guidance_scale,
-                    height=self.settings.height,
-                    width=self.settings.width,
-                    generator=generators,
-                    output_type="np",
-                ).images
-            )
-            progress.update(len(images[-1]))
+
+        def run(indices: list[int]) -> np.ndarray:
+            images = []
+            for start in range(0, len(indices), self.validation_batch_size):
+                chunk = indices[start : start + self.validation_batch_size]
+                generators = [torch.Generator(device=pipeline.device).manual_seed(int(seeds[i])) for i in chunk]
+                images.append(
+                    pipeline(
+                        [prompts[i] for i in chunk],
+                        num_inference_steps=self.settings.num_inference_steps,
+                        guidance_scale=self.settings.guidance_scale,
+                        height=self.settings.height,
+                        width=self.settings.width,
+                        generator=generators,
+                        output_type="np",
+                    ).images
+                )
+                progress.update(len(chunk))
+            return np.concatenate(images)
+
+        images = sharded_map(trainer, prompts, run, (self.settings.height, self.settings.width, 3))
         progress.close()
-        return np.concatenate(images)
+        return images
 
 
 class NudityCheckpointSelector(ConceptCheckpointSelector):

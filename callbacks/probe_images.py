@@ -36,6 +36,7 @@ class ProbeImages(EveryState):
 
     def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
         probes = generate_probes(pl_module, self.settings)
+        log_dir = trainer.log_dir  # on every process: it is a collective under DDP
         for kind, images_by_concept in (("derived", probes.derived), ("prompt", probes.prompt)):
             for concept, images in images_by_concept.items():
                 for logger in trainer.loggers:
@@ -43,8 +44,8 @@ class ProbeImages(EveryState):
                     if add_image is not None:
                         tag = f"probe/{slug(concept)}/{kind}"
                         add_image(tag, image_grid(images), global_step=probes.state, dataformats="HWC")
-                if self.save_png and trainer.log_dir is not None:
-                    folder = Path(trainer.log_dir) / "probes" / f"state_{probes.state:02d}"
+                if self.save_png and trainer.is_global_zero and log_dir is not None:
+                    folder = Path(log_dir) / "probes" / f"state_{probes.state:02d}"
                     folder.mkdir(parents=True, exist_ok=True)
                     for index, image in enumerate(images):
                         Image.fromarray(to_uint8(image)).save(folder / f"{slug(concept)}_{kind}_{index}.png")

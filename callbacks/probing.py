@@ -13,6 +13,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from rece_lightning.distributed import sharded_map
+
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -75,24 +77,31 @@ def generate_probes(module, settings: ProbeSettings) -> Probes:
     rows = [derived[c] for c in concepts] + prompt_embeddings
     dtype = pipeline.unet.dtype
     batch = torch.stack(rows).to(dtype).repeat_interleave(settings.num_images, dim=0)
-    # Image i of every concept and of c' starts from the same noise (seed + i), so rows compare like for like.
-    generators = [
-        torch.Generator(device=pipeline.device).manual_seed(settings.seed + index % settings.num_images)
-        for index in range(batch.shape[0])
-    ]
-    show = getattr(getattr(module, "_trainer", None), "progress_bar_callback", None) is not None
+    trainer = getattr(module, "_trainer", None)
+    show = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
     pipeline.set_progress_bar_config(
         disable=not show, leave=False, desc=f"probes of state {module.rece_epochs_done} ({batch.shape[0]} images)"
     )
-    images = pipeline(
-        prompt_embeds=batch,
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
-        height=settings.height,
-        width=settings.width,
-        generator=generators,
-        output_type="np",
-    ).images
+
+    def run(indices: list[int]) -> np.ndarray:
+        # Image i of every concept and of c' starts from the same noise (seed + i), so rows compare like for like,
+        # whichever process generates it.
+        generators = [
+            torch.Generator(device=pipeline.device).manual_seed(settings.seed + index % settings.num_images)
+            for index in indices
+        ]
+        return pipeline(
+            prompt_embeds=batch[indices],
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            height=settings.height,
+            width=settings.width,
+            generator=generators,
+            output_type="np",
+        ).images
+
+    # On several processes each generates its share of the rows and all get every image.
+    images = sharded_map(trainer, range(batch.shape[0]), run, (settings.height, settings.width, 3))
     pipeline.set_progress_bar_config(disable=True)
     images = images.reshape(2, len(concepts), settings.num_images, *images.shape[1:])
     probes = Probes(
@@ -115,16 +124,18 @@ def slug(text: str) -> str:
 
 
 class EveryState(pl.Callback):
-    """Calls ``observe`` on rank zero for every RECE state: right after the UCE edit (train start), then after each
-    epoch's derive-erase round. Subclasses observe and decide; they never change the module's weights."""
+    """Calls ``observe`` for every RECE state: right after the UCE edit (train start), then after each epoch's
+    derive-erase round. Subclasses observe and decide; they never change the module's weights.
+
+    On several processes ``observe`` runs on every one of them (probe generation is shared out, see
+    :func:`generate_probes`); files and logs come from rank 0 (Lightning's loggers are rank-zero only), and
+    decisions are reduced across processes."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.observe(trainer, pl_module, after_epoch=False)
+        self.observe(trainer, pl_module, after_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.observe(trainer, pl_module, after_epoch=True)
+        self.observe(trainer, pl_module, after_epoch=True)
 
     def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
         raise NotImplementedError

@@ -18,10 +18,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from rece_lightning import closed_form, diffusion
+from rece_lightning import closed_form, diffusion, distributed
 from rece_lightning.data import ConceptDataModule, ConceptSet
 from rece_lightning.diffusion import TOKEN_MODES, EncodedPrompt, TokenMode
 from rece_lightning.export import TRANSFORM_KEY, check_writable_folder, save_erased
@@ -130,6 +131,13 @@ class RECEModule(pl.LightningModule):
             return
         if self._trainer is not None:
             check_trainer_precision(self.trainer.precision, type(self).__name__)
+            strategy = self.trainer.strategy
+            if isinstance(strategy, DDPStrategy) and not isinstance(strategy, distributed.ReplicatedDDPStrategy):
+                raise ValueError(
+                    f"trainer.strategy={type(strategy).__name__} would wrap RECEModule in DistributedDataParallel, "
+                    f"which refuses a module without trainable parameters: use strategy='{distributed.STRATEGY_NAME}' "
+                    "(python train.py picks it for a RECE fit on several devices)"
+                )
             if stage == "fit":
                 self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps)
         path = self.hparams.pretrained_model_name_or_path
@@ -288,8 +296,9 @@ class RECEModule(pl.LightningModule):
             raise
 
     def training_step(self, batch: ConceptSet, batch_idx: int) -> None:
-        """One epoch = one derive-erase round on the batch's concepts."""
+        """One epoch = one derive-erase round on the batch's concepts (on every process: the state is replicated)."""
         self.derive_and_erase(batch)
+        distributed.check_replicated(self.trainer, self.transform, "the RECE transform")
         self._count_closed_form_step()
 
     def _count_closed_form_step(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import datasets_or_skip
@@ -217,3 +218,69 @@ def test_every_config_instantiates_in_a_bare_clone_offline(tmp_path, monkeypatch
                 args.append(f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}")
         cli = cli_main(args, run=False)
         assert cli.model is not None, config.name
+
+
+@pytest.mark.slow  # three processes in all
+def test_a_fit_on_two_processes_selects_and_exports_what_one_process_does(tmp_path):
+    """The toy config (real images, real detections) on 1 and on 2 CPU processes: probes and validation images are
+    shared out and gathered, the state is replicated, files come from rank 0."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parents[1]
+    runs = {}
+    for devices in (1, 2):
+        work = tmp_path / f"devices{devices}"
+        (work / "configs").mkdir(parents=True)
+        shutil.copy(repo / "configs" / "toy.yaml", work / "configs" / "toy.yaml")
+        (work / "models").symlink_to(repo / "models")
+        done = _train_py(
+            [
+                "fit",
+                "--config",
+                "configs/toy.yaml",
+                "--trainer.max_epochs=2",
+                f"--trainer.devices={devices}",
+                "--trainer.enable_progress_bar=false",
+            ],
+            work,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[devices] = work / "runs" / "toy"
+    assert not (runs[2] / "red" / "version_1").exists()  # one log folder, written by rank 0
+    selections = [
+        json.loads((r / "red" / "version_0" / "selected" / "selection.json").read_text()) for r in runs.values()
+    ]
+    assert selections[0] == selections[1]  # every state's probe and validation counts, and the choice
+    assert sum(s["probe_flagged"] for s in selections[0]["scores"]) > 0  # real detections, not zeros
+    for name in ("red/version_0/selected", "erased"):
+        one, two = (load_file(str(r / name / "rece_kv.safetensors")) for r in runs.values())
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one), name
+    assert len(list((runs[2] / "red" / "version_0" / "probes").rglob("*.png"))) == len(
+        list((runs[1] / "red" / "version_0" / "probes").rglob("*.png"))
+    )
+
+
+def test_a_rece_fit_on_several_devices_gets_the_replicated_strategy():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from rece_lightning.distributed import STRATEGY_NAME, ReplicatedDDPStrategy
+    from train import _several
+
+    assert StrategyRegistry[STRATEGY_NAME]["strategy"] is ReplicatedDDPStrategy
+    assert [_several(d) for d in (1, "1", 2, "2", [0, 1], "0,1", "auto", -1, [3])] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
+    ]
+    config = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    cli = cli_main(["--config", str(config), "--trainer.devices=2"], run=False)
+    assert isinstance(cli.trainer.strategy, ReplicatedDDPStrategy)
