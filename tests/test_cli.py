@@ -120,9 +120,6 @@ def _train_py(args: list[str], cwd: Path):
     "override,message",
     [
         ("--model.lamb=nan", "--model.lamb: nan is not allowed: non-finite values (nan, inf) are refused"),
-        ("--model.reg=inf", "--model.reg: inf is not allowed: non-finite values"),
-        ("--model.lamb=-1", "lamb=-1.0 is not allowed: it must be a finite number > 0"),
-        ("--model.erase_concepts=[nudity,nudity]", "erase_concepts lists ['nudity'] more than once"),
         ("--model.export_dir=config.yaml", "export_dir='config.yaml' is a file, not a folder"),
         ("--ckpt_path=missing.ckpt", "ckpt_path='missing.ckpt' does not exist"),
     ],
@@ -241,7 +238,7 @@ def test_a_fit_on_two_processes_selects_and_exports_what_one_process_does(tmp_pa
                 "fit",
                 "--config",
                 "configs/toy.yaml",
-                "--trainer.max_epochs=2",
+                "--trainer.max_epochs=1",
                 f"--trainer.devices={devices}",
                 "--trainer.enable_progress_bar=false",
             ],
