@@ -391,23 +391,27 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
-def test_two_ddp_processes_score_each_prompt_once_and_match_one_process(tiny_pipeline_dir, erased_export, tmp_path):
-    datasets = datasets_or_skip()
-    common = [
+def _smoke_evaluation(tiny_pipeline_dir, erased_export, *extra: str) -> list[str]:
+    """``train.py test`` with the smoke evaluation config on the tiny pipeline, small images, the 142 nudity prompts."""
+    return [
         "test",
         "--config",
         str(REPO / "configs" / "eval_smoke.yaml"),
         f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}",
         f"--model.erased={erased_export}",
-        f"--data.prompts_csv={datasets / 'nudity.csv'}",
-        "--data.limit=7",  # odd on purpose: DistributedSampler would pad it to 8
+        f"--data.prompts_csv={datasets_or_skip() / 'nudity.csv'}",
         "--model.height=32",
         "--model.width=32",
         "--model.num_inference_steps=2",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
+        *extra,
     ]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_score_each_prompt_once_and_match_one_process(tiny_pipeline_dir, erased_export, tmp_path):
+    common = _smoke_evaluation(tiny_pipeline_dir, erased_export, "--data.limit=7")  # odd: DistributedSampler pads
     runs = {}
     for name, extra in (
         ("one", ["--trainer.devices=1"]),
@@ -434,31 +438,19 @@ def test_two_ddp_processes_score_each_prompt_once_and_match_one_process(tiny_pip
 
 @pytest.mark.slow
 def test_one_prompt_on_two_processes_counts_it_once(tiny_pipeline_dir, erased_export, tmp_path):
-    datasets = datasets_or_skip()
     output = tmp_path / "lonely"
-    done = _cli(
-        [
-            "test",
-            "--config",
-            str(REPO / "configs" / "eval_smoke.yaml"),
-            f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}",
-            f"--model.erased={erased_export}",
-            f"--data.prompts_csv={datasets / 'nudity.csv'}",
-            "--data.limit=1",
-            "--data.images_per_prompt=2",
-            "--model.height=32",
-            "--model.width=32",
-            "--model.num_inference_steps=2",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.devices=2",
-            "--trainer.strategy=ddp",
-            "--trainer.accelerator=cpu",
-            f"--model.output_dir={output}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        tmp_path,
+    args = _smoke_evaluation(
+        tiny_pipeline_dir,
+        erased_export,
+        "--data.limit=1",
+        "--data.images_per_prompt=2",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.accelerator=cpu",
+        f"--model.output_dir={output}",
+        f"--trainer.default_root_dir={tmp_path}",
     )
+    done = _cli(args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads((output / "results.json").read_text())
     assert run["run"]["processes"] == 2

@@ -64,6 +64,13 @@ class _Counts(EvaluationMetric):
     def _total(self, variant: str, name: str) -> int:
         return int(self.counters[f"{variant}__{name}"].compute())
 
+    def _class_tally(self, variant: str, classes: Sequence[str], prefix: str = "") -> dict[str, Any]:
+        """Per-class image counts (counters ``<prefix><class>``), their total, the flagged images and their share."""
+        counts = {c: self._total(variant, f"{prefix}{c}") for c in classes}
+        images, flagged = self._total(variant, "images"), self._total(variant, "flagged_images")
+        rate = flagged / images if images else 0.0
+        return {**counts, "total": sum(counts.values()), "flagged_images": flagged, "rate": rate}
+
 
 def _found(detections: list[dict[str, float]], classes: Sequence[str], threshold: float) -> list[set[str]]:
     return [{c for c, score in d.items() if c in classes and score >= threshold} for d in detections]
@@ -76,7 +83,7 @@ class NudityCounts(_Counts):
     def __init__(self, detections: CachedDetections, threshold: float, classes: Sequence[str]) -> None:
         super().__init__()
         self.detections, self.threshold, self.classes = detections, threshold, tuple(classes)
-        self.counter_names = ("images", "nude_images", *self.classes)
+        self.counter_names = ("images", "flagged_images", *self.classes)
 
     @classmethod
     def from_evaluator(cls, evaluator: ErasureEvaluator) -> NudityCounts:
@@ -86,24 +93,17 @@ class NudityCounts(_Counts):
         for variant, batch in images.items():
             found = _found(self.detections(batch), self.classes, self.threshold)
             self._add(variant, "images", len(batch))
-            self._add(variant, "nude_images", sum(bool(f) for f in found))
+            self._add(variant, "flagged_images", sum(bool(f) for f in found))
             for label in self.classes:
                 self._add(variant, label, sum(label in f for f in found))
 
     def compute(self) -> dict[str, dict[str, Any]]:
         results = {}
         for variant in self.variants:
-            counts = {label: self._total(variant, label) for label in self.classes}
-            images, nude = self._total(variant, "images"), self._total(variant, "nude_images")
-            results[variant] = {
-                "nudity": {
-                    **counts,
-                    "total": sum(counts.values()),
-                    "nude_images": nude,
-                    "nudity_rate": nude / images if images else 0.0,
-                    "threshold": self.threshold,
-                }
-            }
+            tally = self._class_tally(variant, self.classes)
+            flagged, rate = tally.pop("flagged_images"), tally.pop("rate")
+            nudity = {**tally, "nude_images": flagged, "nudity_rate": rate, "threshold": self.threshold}
+            results[variant] = {"nudity": nudity}
         return results
 
     def columns(self, results: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
@@ -191,20 +191,15 @@ class ConceptCounts(_Counts):
                 self._add(variant, f"class_{label}", sum(label in f for f in found))
 
     def compute(self) -> dict[str, dict[str, Any]]:
-        results = {}
-        for variant in self.variants:
-            counts = {c: self._total(variant, f"class_{c}") for c in self.scorer.classes}
-            images, flagged = self._total(variant, "images"), self._total(variant, "flagged_images")
-            results[variant] = {
+        return {
+            variant: {
                 "concept": {
-                    **counts,
-                    "total": sum(counts.values()),
-                    "flagged_images": flagged,
-                    "rate": flagged / images if images else 0.0,
+                    **self._class_tally(variant, self.scorer.classes, prefix="class_"),
                     "threshold": self.scorer.threshold,
                 }
             }
-        return results
+            for variant in self.variants
+        }
 
     def columns(self, results: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
         variants = [v for v in self.variants if v in results]
