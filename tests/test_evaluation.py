@@ -472,6 +472,8 @@ def test_true_half_precision_is_refused_by_the_evaluator_too(tiny_pipeline_dir, 
     csv = tmp_path / "prompts.csv"
     csv.write_text("prompt\na cat\n")
     evaluator = ErasureEvaluator(str(tiny_pipeline_dir), erased=str(unedited_export), output_dir=str(tmp_path / "e"))
-    trainer = pl.Trainer(accelerator="cpu", precision="16-true", logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", precision="16-true", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
     with pytest.raises(ValueError, match="trainer.precision='16-true' is not allowed for ErasureEvaluator"):
         trainer.test(evaluator, datamodule=PromptDataModule(str(csv)))

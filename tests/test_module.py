@@ -194,7 +194,12 @@ def test_concepts_are_configured_once_on_the_model(tiny_pipeline_dir, tmp_path):
 
     module = RECEModule(str(tiny_pipeline_dir), erase_concepts=["nudity", "a cat"], guide_concepts=" ", export_dir=None)
     trainer = pl.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Record()]
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Record()],
+        default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=ConceptDataModule())
     assert [batch.erase for batch in seen] == [("nudity", "a cat")]
@@ -240,13 +245,23 @@ def test_a_fit_says_where_its_logs_checkpoints_and_export_go(tiny_pipeline_dir, 
 
 
 @pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
-def test_true_half_precision_is_refused_before_it_casts_the_float64_state(tiny_pipeline_dir, precision, monkeypatch):
+def test_true_half_precision_is_refused_before_it_casts_the_float64_state(
+    tiny_pipeline_dir, precision, monkeypatch, tmp_path
+):
     def no_loading(*args, **kwargs):
         raise AssertionError("the pipeline must not be loaded")
 
     monkeypatch.setattr(diffusion, "load_pipeline", no_loading)
     module = RECEModule(str(tiny_pipeline_dir), export_dir=None)
-    trainer = pl.Trainer(accelerator="cpu", precision=precision, max_epochs=1, logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match=f"trainer.precision='{precision}' is not allowed.*--model.dtype=float16"):
         trainer.fit(module)
 
@@ -255,7 +270,13 @@ def test_mixed_precision_leaves_the_float64_state_alone(tiny_pipeline_dir, tmp_p
     _, plain = fit_tiny(tiny_pipeline_dir, tmp_path / "plain", max_epochs=1, export_dir=None)
     module = RECEModule(str(tiny_pipeline_dir), export_dir=None)
     trainer = pl.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_epochs=1, logger=False, enable_progress_bar=False
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(module)
     assert module.transform.dtype == torch.float64
