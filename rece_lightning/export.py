@@ -30,6 +30,7 @@ TRANSFORM_KEY = "transform"
 __all__ = [
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
+    "apply_erased",
     "atomic_write",
     "check_writable_folder",
     "load_erased",
@@ -177,7 +178,12 @@ def load_erased(pipeline, path: str | os.PathLike):
     :func:`read_erased` refuses, or a K/V set made for another base model (layer count, names or shapes), is refused
     with an error before anything changes.
     """
-    path, content = read_erased(path)
+    return apply_erased(pipeline, *read_erased(path))
+
+
+@torch.no_grad()
+def apply_erased(pipeline, path: Path, content: dict[str, Tensor] | Tensor):
+    """:func:`load_erased` for what :func:`read_erased` already read (K/V weights or a transform from ``path``)."""
     current = kv_weights(pipeline.unet)
     if isinstance(content, dict):
         weights = content

@@ -40,7 +40,7 @@ from rece_lightning.evaluation.registry import EvaluationMetric, metric_class
 from rece_lightning.evaluation.report import write_reports
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes, check_scorer
 from rece_lightning.evaluation.standard_metrics import CachedDetections
-from rece_lightning.export import check_writable_folder, load_erased, read_erased
+from rece_lightning.export import apply_erased, check_writable_folder, read_erased
 from rece_lightning.precision import check_trainer_precision
 
 VARIANTS = ("original", "erased")
@@ -125,8 +125,8 @@ class ErasureEvaluator(pl.LightningModule):
             )
         if erased is not None and original_only:
             raise ValueError(f"original_only=true and erased={erased!r}: give one of the two")
-        if erased is not None:
-            read_erased(erased)  # a missing, corrupt, foreign or non-finite file stops here, before any model loads
+        # Read once, here: a missing, corrupt, foreign or non-finite file stops before any model loads; setup uses it.
+        self._erased_file = read_erased(erased) if erased is not None else None
         self.variants = [
             v
             for v in VARIANTS
@@ -182,7 +182,8 @@ class ErasureEvaluator(pl.LightningModule):
         generation.use_scheduler(self.pipeline, hp.scheduler)
         original = {n: w.detach().clone() for n, w in diffusion.kv_weights(self.pipeline.unet).items()}
         if "erased" in self.variants:
-            load_erased(self.pipeline, hp.erased)
+            apply_erased(self.pipeline, *self._erased_file)
+            self._erased_file = None  # the weights now live in the pipeline
             self.kv_by_variant["erased"] = {
                 n: w.detach().clone() for n, w in diffusion.kv_weights(self.pipeline.unet).items()
             }
