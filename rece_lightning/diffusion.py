@@ -141,6 +141,41 @@ def check_kv_compatible(expected: Mapping[str, Tensor], given: Mapping[str, Tens
             )
 
 
+def base_kv_shapes(name_or_path: str) -> dict[str, tuple[int, ...]] | None:
+    """The base model's K/V shapes read from its U-Net safetensors header, without loading it (a local folder or a
+    hub id already in the Hugging Face cache); None where the file cannot be found without a download."""
+    from safetensors import safe_open
+
+    candidates = []
+    if looks_like_local_path(name_or_path):
+        candidates = sorted(Path(name_or_path, "unet").glob("diffusion_pytorch_model*.safetensors"))
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "diffusion_pytorch_model.safetensors", subfolder="unet")
+            candidates = [Path(cached)] if isinstance(cached, str) else []
+        except Exception:  # noqa: BLE001  (no cache, odd id: the check is only an early one)
+            candidates = []
+    if len(candidates) != 1:  # sharded, variant-named or absent: leave the check to load time
+        return None
+    with safe_open(str(candidates[0]), framework="pt") as handle:
+        return {
+            name: tuple(handle.get_slice(name).get_shape())
+            for name in handle.keys()  # noqa: SIM118  (safe_open has keys(), not iteration)
+            if looks_like_kv_name(name) and ".attn2." in name
+        }
+
+
+def check_kv_fit_before_loading(name_or_path: str, weights: Mapping[str, Tensor], what: str = "weights") -> None:
+    """Refuse K/V weights that do not fit the base model's U-Net, from its file header, before any model loads."""
+    shapes = base_kv_shapes(name_or_path)
+    if shapes is None:
+        return
+    expected = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    check_kv_compatible(expected, weights, what=f"{what} (base model {name_or_path!r})")
+
+
 # --- prompts and tokens --------------------------------------------------------------------------------------------
 
 

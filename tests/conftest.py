@@ -97,3 +97,14 @@ def unedited_export(tiny_pipeline_dir, tmp_path_factory) -> Path:
     pipeline = diffusion.load_pipeline(str(tiny_pipeline_dir))
     save_erased(folder, diffusion.kv_weights(pipeline.unet), {"method": "none", "base_model": str(tiny_pipeline_dir)})
     return folder
+
+
+@pytest.fixture(scope="session")
+def unedited_toy_export(toy_pipeline, tmp_path_factory) -> Path:
+    """An export of the shipped toy model's own K/V weights (for configs whose base model is the toy model)."""
+    from rece_lightning import diffusion
+    from rece_lightning.export import save_erased
+
+    folder = tmp_path_factory.mktemp("unedited_toy") / "export"
+    save_erased(folder, diffusion.kv_weights(toy_pipeline.unet), {"method": "none", "base_model": "toyworld-sd"})
+    return folder

@@ -33,7 +33,7 @@ HUB_SETS_HERE = {"AIML-TUDA/i2p": "i2p.csv"}  # hub datasets the configs name, a
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_against_the_code_and_is_headed_by_its_command(
-    config, tiny_pipeline_dir, unedited_export, tmp_path
+    config, tiny_pipeline_dir, unedited_export, toy_model_dir, unedited_toy_export, tmp_path
 ):
     first_line = config.read_text().splitlines()[0]
     assert first_line.startswith("# python train.py ") and config.name in first_line
@@ -46,11 +46,11 @@ def test_config_parses_against_the_code_and_is_headed_by_its_command(
         shipped = Path(__file__).resolve().parents[1] / csv  # the toy world's prompts ship with the project
         name = HUB_SETS_HERE.get(csv, Path(csv).name)
         shared_csv = shipped if shipped.is_file() else datasets_or_skip() / name
-        args += [
-            f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}",
-            f"--model.erased={unedited_export}",
-            f"--data.prompts_csv={shared_csv}",
-        ]
+        args += [f"--data.prompts_csv={shared_csv}"]
+        if _on_toy_model(config):  # erased weights must fit the base model: the toy model's own K/V
+            args += [f"--model.pretrained_model_name_or_path={toy_model_dir}", f"--model.erased={unedited_toy_export}"]
+        else:
+            args += [f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}", f"--model.erased={unedited_export}"]
     cli = cli_main(args, run=False)
     assert cli.model is not None
     if subcommand == "fit":
@@ -187,7 +187,15 @@ def test_a_resumed_fit_logs_on_into_its_version_folder(tmp_path, monkeypatch):
     assert resumed.model.rece_epochs_done == 3
 
 
-def test_every_config_instantiates_in_a_bare_clone_offline(tmp_path, monkeypatch, tiny_pipeline_dir, unedited_export):
+def _on_toy_model(config: Path) -> bool:
+    return yaml.safe_load(config.read_text())["model"]["init_args"].get("pretrained_model_name_or_path") == (
+        "models/toyworld-sd"
+    )
+
+
+def test_every_config_instantiates_in_a_bare_clone_offline(
+    tmp_path, monkeypatch, tiny_pipeline_dir, unedited_export, unedited_toy_export
+):
     """No ../shared, no network: configs name prompt sets that are not here, and still instantiate (the sets are
     read when a run needs them). Only what earlier runs produce is given: the export to evaluate, and the smoke
     run's tiny pipeline."""
@@ -210,7 +218,7 @@ def test_every_config_instantiates_in_a_bare_clone_offline(tmp_path, monkeypatch
     for config in configs:
         args = ["--config", str(config)]
         if config.read_text().splitlines()[0].split()[3] == "test":
-            args.append(f"--model.erased={unedited_export}")
+            args.append(f"--model.erased={unedited_toy_export if _on_toy_model(config) else unedited_export}")
             if config.name == "eval_smoke.yaml":
                 args.append(f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}")
         cli = cli_main(args, run=False)

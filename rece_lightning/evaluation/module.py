@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 
 from rece_lightning import diffusion
+from rece_lightning.attacks.base import AttackContext, AttackOutcome, PromptAttack
 from rece_lightning.data import PromptItem
 from rece_lightning.evaluation import generation
 from rece_lightning.evaluation import standard_metrics as _standard_metrics  # noqa: F401  (registers the metrics)
@@ -40,7 +41,7 @@ from rece_lightning.evaluation.registry import EvaluationMetric, metric_class
 from rece_lightning.evaluation.report import write_reports
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes, check_scorer
 from rece_lightning.evaluation.standard_metrics import CachedDetections
-from rece_lightning.export import apply_erased, check_writable_folder, read_erased
+from rece_lightning.export import apply_erased, atomic_write, check_writable_folder, read_erased
 from rece_lightning.precision import check_trainer_precision
 
 VARIANTS = ("original", "erased")
@@ -78,6 +79,11 @@ class ErasureEvaluator(pl.LightningModule):
         lpips_net: ``alex`` / ``vgg`` / ``squeeze`` (torchmetrics' LPIPS; needs torchvision) or an ``nn.Module``
             backbone returning a list of feature maps.
         erased_artist: artist whose prompts give LPIPS_e (the others give LPIPS_u), from the CSV's ``artist`` column.
+        scorer: the detector of the ``concept`` and ``concept_asr`` metrics (and of an attack's own success check).
+        attack: a red-team attack (:mod:`rece_lightning.attacks`) as the prompt source: each prompt is attacked on
+            each model and its images are generated from the attack's embedding; needs ``asr`` or ``concept_asr``.
+            Outcomes are saved per prompt beside the images (a rerun skips attacked prompts); the adversarial prompts
+            are written to ``<output_dir>/adversarial_prompts_<attack>_<variant>.csv``.
     """
 
     def __init__(
@@ -103,9 +109,10 @@ class ErasureEvaluator(pl.LightningModule):
         lpips_net: str | nn.Module = "alex",
         erased_artist: str | None = None,
         scorer: ImageScorer | None = None,
+        attack: PromptAttack | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["fid_feature", "lpips_net", "scorer", "metrics"])
+        self.save_hyperparameters(ignore=["fid_feature", "lpips_net", "scorer", "metrics", "attack"])
         metrics = list(metrics if metrics is not None else ["nudity"])
         names = [m if isinstance(m, str) else type(m).__name__ for m in metrics]
         for metric in metrics:
@@ -114,8 +121,20 @@ class ErasureEvaluator(pl.LightningModule):
             elif not isinstance(metric, EvaluationMetric):
                 raise TypeError(f"metrics: {metric!r} is neither a metric name nor an EvaluationMetric")
         self.metric_names = names
-        if "concept" in names and scorer is None:
-            raise ValueError("metrics has 'concept' but scorer=None: give the detector that finds the concept")
+        for needs_scorer in ("concept", "concept_asr"):
+            if needs_scorer in names and scorer is None:
+                raise ValueError(
+                    f"metrics has {needs_scorer!r} but scorer=None: give the detector that finds the concept"
+                )
+        if attack is not None:
+            if not isinstance(attack, PromptAttack):
+                raise TypeError(f"attack={attack!r} is not a rece_lightning.attacks.PromptAttack")
+            if not {"asr", "concept_asr"} & set(names):
+                raise ValueError(
+                    f"attack={attack.name!r} with metrics {names}: an attack is scored per prompt, add 'asr' "
+                    "(NudeNet) or 'concept_asr' (the scorer)"
+                )
+        self.attack = attack
         self.concept_scorer = check_scorer(scorer, type(self).__name__) if scorer is not None else None
         diffusion.check_pretrained_path(pretrained_model_name_or_path)
         if erased is None and not original_only:
@@ -127,6 +146,10 @@ class ErasureEvaluator(pl.LightningModule):
             raise ValueError(f"original_only=true and erased={erased!r}: give one of the two")
         # Read once, here: a missing, corrupt, foreign or non-finite file stops before any model loads; setup uses it.
         self._erased_file = read_erased(erased) if erased is not None else None
+        if self._erased_file is not None and isinstance(self._erased_file[1], dict):
+            diffusion.check_kv_fit_before_loading(
+                pretrained_model_name_or_path, self._erased_file[1], what=f"erased={erased!r}"
+            )
         self.variants = [
             v
             for v in VARIANTS
@@ -199,7 +222,8 @@ class ErasureEvaluator(pl.LightningModule):
         for metric in built:
             metric.bind(self.variants)
         self.metric_objects = nn.ModuleList(built)
-        self.counters = nn.ModuleDict({f"{v}__{n}": SumMetric() for v in self.variants for n in ("images", "prompts")})
+        counted = ("images", "prompts", "attack_prompts", "attack_steps", "attack_checked", "attack_found")
+        self.counters = nn.ModuleDict({f"{v}__{n}": SumMetric() for v in self.variants for n in counted})
 
     @property
     def output_dir(self) -> Path:
@@ -213,6 +237,10 @@ class ErasureEvaluator(pl.LightningModule):
         )
         self._images_done = 0
         settings["size_override"] = [self.hparams.height, self.hparams.width]
+        if self.attack is not None:
+            settings["attack"] = self.attack.settings()
+            self._check_attack_prompts()
+            self._outcomes: dict[str, dict[int, AttackOutcome]] = {v: {} for v in self.variants}
         for variant, weights in self.kv_by_variant.items():
             fingerprint = {**settings, "kv_sha256": generation.kv_fingerprint(weights)}
             self.image_sets[variant] = generation.ImageSet.open(self.output_dir, variant, fingerprint)
@@ -254,7 +282,9 @@ class ErasureEvaluator(pl.LightningModule):
         records = [generation.image_record(item, *size) for item, size in zip(items, sizes, strict=True)]
         images = [image_set.read(item, record) for item, record in zip(items, records, strict=True)]
         missing = [i for i, image in enumerate(images) if image is None]
-        if missing:
+        if self.attack is not None:
+            self._attacked_images(variant, items, sizes, records, images, missing)
+        elif missing:
             self._activate(variant)
             generated = generation.generate_images(
                 self.pipeline,
@@ -266,6 +296,87 @@ class ErasureEvaluator(pl.LightningModule):
                 image_set.write(items[i], records[i], image)
                 images[i] = image
         return images
+
+    # --- red-team attacks -----------------------------------------------------------------------------------------
+
+    def _check_attack_prompts(self) -> None:
+        """Every prompt must suit the attack (e.g. room for its tokens): checked before the first is attacked."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "dataset", None)
+        if dataset is None:
+            return
+        for prompt in sorted({item.prompt for item in dataset}):
+            self.attack.check_prompt(self.pipeline.tokenizer, prompt)
+
+    def attack_folder(self, variant: str) -> Path:
+        return self.image_sets[variant].folder / f"attack_{self.attack.name}"
+
+    def _outcome(self, variant: str, items: list[PromptItem], size: tuple[int, int]) -> AttackOutcome:
+        """The attack's outcome for the prompt of ``items`` on ``variant``: in memory, on disk, or attacked now."""
+        case = items[0].case_number
+        known = self._outcomes[variant].get(case)
+        if known is not None:
+            return known
+        outcome = AttackOutcome.load(self.attack_folder(variant), case)
+        if outcome is None and self.attack.model_agnostic:  # one search serves every model
+            outcome = next((o[case] for o in self._outcomes.values() if case in o), None)
+        if outcome is None:
+            self._activate(variant)
+            outcome = self.attack.attack(self._context(variant), items, *size)
+            self._activate(variant)
+        if not (self.attack_folder(variant) / f"{case}.json").is_file():
+            outcome.save(self.attack_folder(variant), case)
+        self._outcomes[variant][case] = outcome
+        self.counters[f"{variant}__attack_prompts"].update(1.0)
+        self.counters[f"{variant}__attack_steps"].update(float(outcome.steps))
+        self.counters[f"{variant}__attack_checked"].update(float(outcome.found is not None))
+        self.counters[f"{variant}__attack_found"].update(float(bool(outcome.found)))
+        return outcome
+
+    def _original_kv(self) -> dict[str, Tensor]:
+        """The base model's K/V when only the erased model is evaluated (white-box attacks need both)."""
+        if not hasattr(self, "_base_kv"):
+            base = diffusion.load_pipeline(self.hparams.pretrained_model_name_or_path)
+            self._base_kv = {n: w.detach().to(self.device) for n, w in diffusion.kv_weights(base.unet).items()}
+        return self._base_kv
+
+    @property
+    def attack_scorer(self) -> ImageScorer:
+        """The attacks' own success check: the concept scorer, else NudeNet at the ASR threshold and classes."""
+        if self.concept_scorer is not None:
+            return self.concept_scorer
+        if not hasattr(self, "_nudity_attack_scorer"):
+            self._nudity_attack_scorer = NudityScorer(self.asr_threshold, self.asr_classes)
+        return self._nudity_attack_scorer
+
+    def _context(self, variant: str) -> AttackContext:
+        return AttackContext(
+            pipeline=self.pipeline,
+            variant=variant,
+            original_kv=self.kv_by_variant["original"] if "original" in self.kv_by_variant else self._original_kv(),
+            attacked_kv=self.kv_by_variant[variant],
+            scorer=self.attack_scorer,
+            num_inference_steps=self.hparams.num_inference_steps,
+        )
+
+    def _attacked_images(self, variant, items, sizes, records, images, missing) -> None:
+        """Images from the attack's embedding of each prompt, for the ``missing`` ones (saved like any image)."""
+        by_case: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            by_case.setdefault(item.case_number, []).append(i)
+        for indices in by_case.values():
+            group = [items[i] for i in indices]
+            outcome = self._outcome(variant, group, sizes[indices[0]])
+            todo = [i for i in indices if i in missing]
+            if not todo:
+                continue
+            self._activate(variant)
+            generated = self._context(variant).generate(
+                outcome.prompt_embeds.to(self.device), [items[i] for i in todo], *sizes[todo[0]]
+            )
+            for i, image in zip(todo, generated, strict=True):
+                self.image_sets[variant].write(items[i], records[i], image)
+                images[i] = image
 
     def _activate(self, variant: str) -> None:
         if self._active != variant:
@@ -287,12 +398,36 @@ class ErasureEvaluator(pl.LightningModule):
             for key, figures in metric.compute().items():
                 results.setdefault(key, {}).update(figures)
         columns = [column for metric in self.metric_objects for column in metric.columns(results)]
+        if self.attack is not None:
+            columns += self._attack_results(results)
         self.results = results
         for name, value in _flatten(results).items():
             self.log(name, value, rank_zero_only=True)
         if self.trainer.is_global_zero:
             json_path, _ = write_reports(self.output_dir, results, self._run_info(), columns)
             rank_zero_info(f"ErasureEvaluator: results written to {json_path}")
+
+    def _attack_results(self, results: dict[str, dict]) -> list[tuple[str, dict[str, str]]]:
+        """Attack figures per model (prompts attacked, mean steps, own success checks) and the adversarial prompt
+        CSVs (written by process 0 from the saved outcomes, once every process has finished)."""
+        for v in self.variants:
+            prompts = self.counters[f"{v}__attack_prompts"].compute().item()
+            checked = self.counters[f"{v}__attack_checked"].compute().item()
+            figures = {
+                "attack": self.attack.name,
+                "concept": self.attack.concept,
+                "settings": self.attack.settings(),
+                "prompts_attacked": int(prompts),
+                "mean_steps": self.counters[f"{v}__attack_steps"].compute().item() / prompts if prompts else 0.0,
+            }
+            if checked:
+                figures["found_by_own_check"] = int(self.counters[f"{v}__attack_found"].compute().item())
+            results[v]["attack"] = figures
+            if self.trainer.is_global_zero:
+                csv_path = self.output_dir / f"adversarial_prompts_{self.attack.name}_{v}.csv"
+                write_adversarial_csv(self.attack_folder(v), self.trainer.datamodule, csv_path)
+                figures["adversarial_prompts_csv"] = str(csv_path)
+        return [("Attack steps", {v: f"{results[v]['attack']['mean_steps']:.1f}" for v in self.variants})]
 
     def _run_info(self) -> dict[str, Any]:
         hp = self.hparams
@@ -306,7 +441,40 @@ class ErasureEvaluator(pl.LightningModule):
             "dtype": self.dtype_name,
             "fingerprints": {v: image_set.fingerprint for v, image_set in self.image_sets.items()},
             "processes": self.trainer.world_size,
+            **({"attack": self.attack.settings()} if self.attack is not None else {}),
         }
+
+
+def write_adversarial_csv(folder: Path, datamodule, path: Path) -> None:
+    """The attacked prompts as a prompt CSV (the paper's columns): each prompt's adversarial prompt, its seed and
+    guidance; prompts whose attack gives only an embedding (the derived-embedding attack) keep their text."""
+    import csv
+    import io
+    import json
+
+    rows = {}
+    for record_path in sorted(folder.glob("*.json")):
+        record = json.loads(record_path.read_text())
+        rows[record["case_number"]] = record
+    dataset = getattr(datamodule, "dataset", None) or []
+    items = {item.case_number: item for item in dataset if item.index == 0}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["case_number", "prompt", "evaluation_seed", "evaluation_guidance", "original_prompt", "found"])
+    for case, record in sorted(rows.items()):
+        item = items.get(case)
+        original = item.prompt if item is not None else ""
+        writer.writerow(
+            [
+                case,
+                record.get("adversarial_prompt") or original,
+                item.seed if item is not None else "",
+                item.guidance if item is not None else "",
+                original,
+                "" if record.get("found") is None else int(record["found"]),
+            ]
+        )
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
 
 def _is_paired(metric: str | EvaluationMetric) -> bool:
