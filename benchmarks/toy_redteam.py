@@ -3,7 +3,8 @@
     python benchmarks/toy_redteam.py --model models/toyworld-sd --out docs/toy_redteam
 
 Erases "red" (guide " ", as configs/toy.yaml) and picks RECE's epoch as the checkpoint selector does: the first
-state whose derived-embedding probes (8 images, the toy sampler) show no red, else the last of ``--max-epochs``. Then
+state whose derived-embedding probes (8 images, the toy sampler) show no red, else the one with the fewest (earliest
+on ties) among ``--max-epochs``. Then
 runs every attack through the evaluator (``ErasureEvaluator(attack=...)``, the code path of configs/redteam_*.yaml)
 on the red prompts of configs/prompts/toyworld.csv, one image per prompt. ASR = share of prompts whose image the toy
 colour detector calls red; "no attack" is the plain prompts. Prints JSON (ASR per attack and model, seconds per
@@ -52,23 +53,32 @@ def attacks(args) -> dict:
 
 def erased_states(args, work: Path) -> dict:
     """Exports of UCE alone and of RECE at the selected epoch, and which epoch that was."""
-    pipeline = diffusion.load_pipeline(args.model)
-    module = RECEModule(pretrained_model_name_or_path=args.model, erase_concepts=["red"], guide_concepts=" ")
-    module.attach_pipeline(pipeline)
-    module.apply_uce()
+
+    def fresh_module() -> tuple[RECEModule, object]:
+        pipeline = diffusion.load_pipeline(args.model)
+        module = RECEModule(pretrained_model_name_or_path=args.model, erase_concepts=["red"], guide_concepts=" ")
+        module.attach_pipeline(pipeline)
+        module.apply_uce()
+        return module, pipeline
+
+    module, pipeline = fresh_module()
     states = {"uce": str(module.export(work / "uce"))}
     scorer = ToyWorldScorer(["red"])
     rates = []
-    for epoch in range(1, args.max_epochs + 1):
+    for _ in range(args.max_epochs):
         module.derive_and_erase(module.concepts)
         derived = module.derived_embeddings()["red"].float()
         probes = generate(pipeline, seeds=list(range(8)), prompt_embeds=derived.unsqueeze(0).repeat(8, 1, 1))
-        rate = scorer.tally(scorer.detect(probes))["rate"]
-        rates.append(rate)
-        if rate == 0.0 or epoch == args.max_epochs:
+        rates.append(scorer.tally(scorer.detect(probes))["rate"])
+        if rates[-1] == 0.0:
             break
+    # as ConceptCheckpointSelector: the first clean state, else the fewest detections (earliest on ties)
+    selected = min(range(len(rates)), key=lambda i: (rates[i], i)) + 1
+    module, _ = fresh_module()
+    for _ in range(selected):
+        module.derive_and_erase(module.concepts)
     states["rece"] = str(module.export(work / "rece"))
-    return {"exports": states, "selected_epoch": len(rates), "probe_red_rate_by_epoch": rates}
+    return {"exports": states, "selected_epoch": selected, "probe_red_rate_by_epoch": rates}
 
 
 def run(args) -> dict:
@@ -113,14 +123,17 @@ def run(args) -> dict:
                 report.setdefault("mean_steps", {}).setdefault(name, {})[state] = attacked["mean_steps"]
             print(f"{name} {state}: {json.dumps(report['asr'][name])} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
     prompts = report["prompts"]
-    report["seconds_per_prompt"] = {
-        name: {state: round(s / (2 * prompts), 2) for state, s in by_state.items()}  # two models per run
+    agnostic = {name for name, attack in attacks(args).items() if attack is not None and attack.model_agnostic}
+    # on the first state both models are attacked (a model-agnostic search once for both); later states read the
+    # original model's outcomes back and attack the erased model only
+    report["seconds_per_attacked_prompt"] = {
+        name: {
+            state: round(s / (prompts * (2 if i == 0 and name not in agnostic else 1)), 2)
+            for i, (state, s) in enumerate(by_state.items())
+        }
         for name, by_state in report["seconds"].items()
     }
-    report["note"] = (
-        "seconds include generation and, on the first state, the original model's attack; the original model's "
-        "outcomes are read back on the second state"
-    )
+    report["note"] = "seconds include generating and scoring the images; one CPU thread"
     return report
 
 

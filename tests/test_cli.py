@@ -25,6 +25,10 @@ def test_there_are_configs():
         "eval_ringabell.yaml",
         "eval_coco.yaml",
         "eval_artists.yaml",
+        "redteam_derived.yaml",
+        "redteam_unlearndiff.yaml",
+        "redteam_ringabell.yaml",
+        "redteam_toy.yaml",
     } <= {c.name for c in CONFIGS}
 
 

@@ -108,8 +108,8 @@ def test_shipped_model_is_a_plain_diffusers_pipeline_under_15_mb(toy_model_dir):
     )
     assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size
     card = json.loads((toy_model_dir / "toyworld.json").read_text())
-    # Regression guard on the card's own figures (the target is colour >= 0.95; this model measures 0.948).
-    assert card["prompt_following"]["colour"] >= 0.9 and card["prompt_following"]["shape"] >= 0.85, card
+    # The card's own figures meet the targets (colour >= 0.95, shape >= 0.85; this model measures 1.0 and 0.958).
+    assert card["prompt_following"]["colour"] >= 0.95 and card["prompt_following"]["shape"] >= 0.85, card
     assert card["timings_s"]["total_training_s"] <= 30 * 60
 
 

@@ -28,6 +28,7 @@ NUM_INFERENCE_STEPS = 20
 GUIDANCE_SCALE = 5.0
 RESOLUTION = 32
 BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+EMBEDDING_SCALE = 0.1  # per-coordinate std of the fixed position vectors and of the initial token vectors
 EXTRA_WORDS = "a an the of in on with photo picture image drawing painting art style purple orange nudity"
 
 
@@ -71,6 +72,15 @@ def build_components(seed: int = 0) -> ToyComponents:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    # Token and (fixed) position vectors both start at std 0.1 instead of CLIP's 0.02. Tried so that the 16 rows of a
+    # prompt would differ more (they are nearly one vector: effective rank 2.3); they still do not (2.3 again), but
+    # this model follows its prompts better after the same training: colour 100 % / shape 96 % / texture 94 %,
+    # against 95 % / 95 % / 81 % with CLIP's initialisation (one training run each, toyworld.json).
+    embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
+    with torch.no_grad():
+        embeddings.position_embedding.weight.normal_(0.0, EMBEDDING_SCALE)
+        embeddings.token_embedding.weight.normal_(0.0, EMBEDDING_SCALE)
+    embeddings.position_embedding.requires_grad_(False)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -89,7 +89,7 @@ class LatentDiffusionTraining(pl.LightningModule):
         ema_decay: float = 0.998,
     ) -> None:
         super().__init__()
-        self.networks = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder.train().requires_grad_(True)})
+        self.networks = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder.train()})
         # A list keeps the EMA copy out of the optimiser and the checkpoint.
         self.ema = [copy.deepcopy(self.networks).requires_grad_(False)]
         self.register_buffer("caption_ids", caption_ids)
