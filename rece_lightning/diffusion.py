@@ -141,30 +141,51 @@ def check_kv_compatible(expected: Mapping[str, Tensor], given: Mapping[str, Tens
             )
 
 
+def unet_weights_file(name_or_path: str | os.PathLike) -> Path | None:
+    """The single U-Net safetensors file of a diffusers pipeline folder (or of its ``unet`` folder); None if there is
+    no such file here (a hub id not in the cache, a sharded or variant-named U-Net)."""
+    folder = Path(os.path.expanduser(str(name_or_path)))
+    if looks_like_local_path(str(name_or_path)):
+        for unet_folder in (folder / "unet", folder):
+            candidates = sorted(unet_folder.glob("diffusion_pytorch_model*.safetensors"))
+            if len(candidates) == 1 and (unet_folder / "config.json").is_file():
+                return candidates[0]
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(name_or_path), "diffusion_pytorch_model.safetensors", subfolder="unet")
+    except Exception:  # noqa: BLE001  (no cache, odd id: callers fall back to loading the model)
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _is_cross_attention_kv(name: str) -> bool:
+    return looks_like_kv_name(name) and ".attn2." in name  # diffusers names cross-attention attn2 in every SD U-Net
+
+
 def base_kv_shapes(name_or_path: str) -> dict[str, tuple[int, ...]] | None:
     """The base model's K/V shapes read from its U-Net safetensors header, without loading it (a local folder or a
     hub id already in the Hugging Face cache); None where the file cannot be found without a download."""
     from safetensors import safe_open
 
-    candidates = []
-    if looks_like_local_path(name_or_path):
-        candidates = sorted(Path(name_or_path, "unet").glob("diffusion_pytorch_model*.safetensors"))
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(name_or_path, "diffusion_pytorch_model.safetensors", subfolder="unet")
-            candidates = [Path(cached)] if isinstance(cached, str) else []
-        except Exception:  # noqa: BLE001  (no cache, odd id: the check is only an early one)
-            candidates = []
-    if len(candidates) != 1:  # sharded, variant-named or absent: leave the check to load time
+    path = unet_weights_file(name_or_path)
+    if path is None:
         return None
-    with safe_open(str(candidates[0]), framework="pt") as handle:
+    with safe_open(str(path), framework="pt") as handle:
         return {
             name: tuple(handle.get_slice(name).get_shape())
             for name in handle.keys()  # noqa: SIM118  (safe_open has keys(), not iteration)
-            if looks_like_kv_name(name) and ".attn2." in name
+            if _is_cross_attention_kv(name)
         }
+
+
+def read_unet_kv(path: Path) -> dict[str, Tensor]:
+    """Only the cross-attention K/V weights of a U-Net safetensors file (another method's edited model)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys() if _is_cross_attention_kv(name)}  # noqa: SIM118
 
 
 def check_kv_fit_before_loading(name_or_path: str, weights: Mapping[str, Tensor], what: str = "weights") -> None:

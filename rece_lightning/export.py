@@ -21,7 +21,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from rece_lightning.closed_form import apply_transform
-from rece_lightning.diffusion import check_kv_compatible, kv_weights, looks_like_kv_name, write_kv_weights
+from rece_lightning.diffusion import (
+    check_kv_compatible,
+    kv_weights,
+    looks_like_kv_name,
+    read_unet_kv,
+    unet_weights_file,
+    write_kv_weights,
+)
 
 WEIGHTS_NAME = "rece_kv.safetensors"
 MANIFEST_NAME = "rece_manifest.json"
@@ -136,9 +143,20 @@ def read_erased(path: str | os.PathLike) -> tuple[Path, dict[str, Tensor] | Tens
     """Read and check an erased model without touching any pipeline: ``(file, K/V weights)`` for an export, or
     ``(file, transform)`` for a ``RECEModule`` checkpoint.
 
+    ``path`` may also be another method's edited model as a diffusers pipeline folder (or its ``unet`` folder): only
+    its cross-attention K/V are read — right for K/V-editing methods (UCE, MACE, RECE) and for the derived-embedding
+    attack, which needs only those; a method that changed other weights (ESD) must be evaluated as its own base model.
+
     Refused with an error that names the file: a missing path, a file that does not parse, a file that is not an
     export or a RECE checkpoint, and NaN or inf values (a non-finite export would score as perfect erasure).
     """
+    unet_file = _pipeline_unet_file(path)
+    if unet_file is not None:
+        weights = read_unet_kv(unet_file)
+        if not weights:
+            raise ValueError(f"{str(unet_file)!r} holds no cross-attention K/V weights ('...attn2.to_k.weight')")
+        _check_finite(unet_file, weights)
+        return unet_file, weights
     path = _resolve(path)
     if path.suffix == ".safetensors":
         try:
@@ -151,9 +169,7 @@ def read_erased(path: str | os.PathLike) -> tuple[Path, dict[str, Tensor] | Tens
                 f"{str(path)!r} is not a RECE export: it should hold only cross-attention K/V weights "
                 f"('...to_k.weight', '...to_v.weight'); it holds {foreign[:3] or 'nothing'}"
             )
-        bad = [name for name, value in weights.items() if not torch.isfinite(value).all()]
-        if bad:
-            raise ValueError(f"{str(path)!r} holds NaN or inf values in {bad[:3]}: refusing to evaluate it")
+        _check_finite(path, weights)
         return path, weights
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -168,6 +184,27 @@ def read_erased(path: str | os.PathLike) -> tuple[Path, dict[str, Tensor] | Tens
     if not torch.isfinite(transform).all():
         raise ValueError(f"{str(path)!r}: its transform holds NaN or inf values: refusing to evaluate it")
     return path, transform
+
+
+def _pipeline_unet_file(path: str | os.PathLike) -> Path | None:
+    folder = Path(path).expanduser()
+    if not folder.is_dir() or (folder / WEIGHTS_NAME).is_file():
+        return None
+    if not ((folder / "model_index.json").is_file() or (folder / "config.json").is_file()):
+        return None
+    found = unet_weights_file(str(folder))
+    if found is None:
+        raise FileNotFoundError(
+            f"{str(folder)!r} looks like a diffusers model folder but has no single unet "
+            "diffusion_pytorch_model*.safetensors to read K/V weights from"
+        )
+    return found
+
+
+def _check_finite(path: Path, weights: dict[str, Tensor]) -> None:
+    bad = [name for name, value in weights.items() if not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(f"{str(path)!r} holds NaN or inf values in {bad[:3]}: refusing to evaluate it")
 
 
 @torch.no_grad()

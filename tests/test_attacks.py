@@ -318,3 +318,18 @@ def test_two_processes_attack_every_prompt_exactly_once(toy_model_dir, uce_expor
         assert results[variant]["asr"]["prompts"] == len(RED_PROMPTS)
         folders = list((output / variant).glob("*/attack_unlearndiff"))
         assert len(folders) == 1 and len(list(folders[0].glob("*.json"))) == len(RED_PROMPTS)
+
+
+def test_derived_embedding_attack_reads_another_methods_pipeline_folder(toy_model_dir, uce_export, tmp_path):
+    """K/V edited by any method, saved as a plain diffusers pipeline: the attack needs only its K/V and the base's."""
+    from rece_lightning.export import load_erased
+
+    pipeline = load_erased(diffusion.load_pipeline(str(toy_model_dir)), uce_export)
+    pipeline.save_pretrained(tmp_path / "other-method")  # as another tool would ship its edited model
+    csv = _csv(tmp_path / "p.csv")
+    from_folder = _evaluate(
+        toy_model_dir, tmp_path / "a", csv, DerivedEmbeddingAttack("red"), erased=tmp_path / "other-method"
+    )
+    from_export = _evaluate(toy_model_dir, tmp_path / "b", csv, DerivedEmbeddingAttack("red"), erased=uce_export)
+    assert from_folder["erased"]["image_dir"].split("/")[-1] == from_export["erased"]["image_dir"].split("/")[-1]
+    assert from_folder["erased"]["asr"] == from_export["erased"]["asr"]

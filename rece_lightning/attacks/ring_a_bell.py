@@ -68,7 +68,8 @@ class RingABellAttack(PromptAttack):
     ) -> None:
         super().__init__(concept)
         self.concept_prompts = list(concept_prompts) if concept_prompts is not None else [concept]
-        self.neutral_prompts = list(neutral_prompts) if neutral_prompts is not None else [""] * len(self.concept_prompts)
+        neutral = neutral_prompts if neutral_prompts is not None else [""] * len(self.concept_prompts)
+        self.neutral_prompts = list(neutral)
         if not self.concept_prompts or len(self.concept_prompts) != len(self.neutral_prompts):
             raise ValueError(
                 f"concept_prompts has {len(self.concept_prompts)} prompts but neutral_prompts has "
