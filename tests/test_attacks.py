@@ -277,10 +277,10 @@ def test_unlearndiff_with_target_images_lowers_the_diffusion_loss(toy_model_dir,
     item = PromptItem(case_number=0, index=0, prompt="a red circle", seed=3, guidance=5.0)
     # a full batch of the 50 noised latents each step: the objective itself, not a random draw of it
     attack = UnlearnDiffAttack(
-        "red", steps=20, num_tokens=3, check_every=1000, timesteps_per_step=50, target_images=str(tmp_path / "targets")
+        "red", steps=10, num_tokens=3, check_every=1000, timesteps_per_step=50, target_images=str(tmp_path / "targets")
     )
     outcome = attack.attack(context, [item], 32, 32)
-    assert sum(outcome.losses[-5:]) < sum(outcome.losses[:5]), outcome.losses
+    assert sum(outcome.losses[-3:]) < sum(outcome.losses[:3]), outcome.losses
 
 
 @pytest.mark.slow  # two processes
@@ -333,3 +333,23 @@ def test_derived_embedding_attack_reads_another_methods_pipeline_folder(toy_mode
     from_export = _evaluate(toy_model_dir, tmp_path / "b", csv, DerivedEmbeddingAttack("red"), erased=uce_export)
     assert from_folder["erased"]["image_dir"].split("/")[-1] == from_export["erased"]["image_dir"].split("/")[-1]
     assert from_folder["erased"]["asr"] == from_export["erased"]["asr"]
+
+
+def test_an_attack_config_without_its_concept_is_refused_naming_it(
+    tmp_path, toy_model_dir, unedited_toy_export, capsys
+):
+    from train import cli_main
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "configs" / "redteam_toy.yaml").read_text()
+    assert "concept: red, " in text
+    (tmp_path / "no_concept.yaml").write_text(text.replace("concept: red, ", ""))
+    args = [
+        "--config",
+        str(tmp_path / "no_concept.yaml"),
+        f"--model.pretrained_model_name_or_path={toy_model_dir}",
+        f"--model.erased={unedited_toy_export}",
+    ]
+    with pytest.raises(SystemExit):
+        cli_main(args, run=False)
+    assert "required: concept" in capsys.readouterr().err
