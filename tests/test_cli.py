@@ -119,24 +119,41 @@ def _train_py(args: list[str], cwd: Path):
     )
 
 
-@pytest.mark.slow  # one process per case
-@pytest.mark.parametrize(
-    "override,message",
-    [
-        ("--model.lamb=nan", "--model.lamb: nan is not allowed: non-finite values (nan, inf) are refused"),
-        ("--model.export_dir=config.yaml", "export_dir='config.yaml' is a file, not a folder"),
-        ("--ckpt_path=missing.ckpt", "ckpt_path='missing.ckpt' does not exist"),
-    ],
-)
-def test_a_bad_value_prints_one_short_line_and_exits_2(tmp_path, override, message):
-    (tmp_path / "config.yaml").write_text("a file where a folder is expected\\n")
+BAD_VALUES = [
+    ("--model.lamb=nan", "--model.lamb: nan is not allowed: non-finite values (nan, inf) are refused"),
+    ("--model.export_dir=config.yaml", "export_dir='config.yaml' is a file, not a folder"),
+    ("--ckpt_path=missing.ckpt", "ckpt_path='missing.ckpt' does not exist"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_a_bad_value_prints_one_short_line_and_exits_2(tmp_path, override, message, monkeypatch, capsys):
+    """``train.main``, what ``python train.py`` runs, in-process (the command line itself: the test below)."""
+    from train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RECE_TRACEBACK", raising=False)
+    (tmp_path / "config.yaml").write_text("a file where a folder is expected\n")
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(config), override])
+    assert stopped.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr and "Namespace(" not in stderr
+    assert not (tmp_path / "runs" / "smoke" / "tiny-sd").exists()  # nothing heavy was started
+
+
+@pytest.mark.slow  # a process of its own
+def test_the_command_line_prints_one_short_line_and_exits_2(tmp_path):
+    override, message = BAD_VALUES[0]
     config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
     done = _train_py(["fit", "--config", str(config), override], tmp_path)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "Namespace(" not in done.stderr
-    assert not (tmp_path / "runs" / "smoke" / "tiny-sd").exists()  # nothing heavy was started
 
 
 def test_a_failed_start_leaves_no_empty_version_folder(tmp_path, monkeypatch):
