@@ -447,7 +447,8 @@ class ErasureEvaluator(pl.LightningModule):
 
 def write_adversarial_csv(folder: Path, datamodule, path: Path) -> None:
     """The attacked prompts as a prompt CSV (the paper's columns): each prompt's adversarial prompt, its seed and
-    guidance; prompts whose attack gives only an embedding (the derived-embedding attack) keep their text."""
+    guidance; prompts whose attack gives only an embedding (the derived-embedding attack) keep their text. The text is
+    the decoded tokens: the attack's images came from the ids, which a BPE tokenizer may not reproduce from it."""
     import csv
     import io
     import json
