@@ -143,23 +143,9 @@ def test_derived_embedding_attack_is_eq8_against_the_given_weights(toy_model_dir
 def test_attacks_beat_uce_where_the_plain_prompts_do_not(toy_model_dir, uce_export, tmp_path):
     """UCE alone: red prompts draw little red, the derived embedding brings it back (the paper's first claim)."""
     csv = _csv(tmp_path / "p.csv")
-    plain = ErasureEvaluator(
-        pretrained_model_name_or_path=str(toy_model_dir),
-        erased=str(uce_export),
-        metrics=["concept_asr"],
-        scorer=ToyWorldScorer(["red"]),
-        scheduler="model",
-        num_inference_steps=10,
-        height=32,
-        width=32,
-        dtype="float32",
-        output_dir=str(tmp_path / "plain"),
-    )
-    pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path, enable_progress_bar=False).test(
-        plain, datamodule=PromptDataModule(str(csv), batch_size=8), verbose=False
-    )
+    plain = _evaluate(toy_model_dir, tmp_path / "plain", csv, None, erased=uce_export)
     attacked = _evaluate(toy_model_dir, tmp_path / "derived", csv, DerivedEmbeddingAttack("red"), erased=uce_export)
-    assert attacked["erased"]["asr"]["attack_success_rate"] > plain.results["erased"]["asr"]["attack_success_rate"]
+    assert attacked["erased"]["asr"]["attack_success_rate"] > plain["erased"]["asr"]["attack_success_rate"]
 
 
 def test_adversarial_prompts_feed_the_evaluator_and_a_rerun_skips_attacked_prompts(
@@ -353,3 +339,19 @@ def test_an_attack_config_without_its_concept_is_refused_naming_it(
     with pytest.raises(SystemExit):
         cli_main(args, run=False)
     assert "required: concept" in capsys.readouterr().err
+
+
+def test_a_white_box_attack_on_the_erased_model_alone_uses_the_base_weights(toy_model_dir, uce_export, tmp_path):
+    csv = _csv(tmp_path / "p.csv")
+    both = _evaluate(toy_model_dir, tmp_path / "both", csv, DerivedEmbeddingAttack("red"), erased=uce_export)
+    alone = _evaluate(
+        toy_model_dir,
+        tmp_path / "alone",
+        csv,
+        DerivedEmbeddingAttack("red"),
+        erased=uce_export,
+        evaluate_original=False,
+    )
+    assert "original" not in alone
+    assert alone["erased"]["asr"] == both["erased"]["asr"]
+    assert alone["erased"]["image_dir"].split("/")[-1] == both["erased"]["image_dir"].split("/")[-1]

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from rece_lightning import diffusion
 from rece_lightning.data import PromptItem
 from rece_lightning.export import atomic_write
 
@@ -52,34 +53,18 @@ class AttackContext:
     def device(self) -> torch.device:
         return self.pipeline.unet.device
 
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """(N, T, d) text embeddings, as the pipeline computes them (padded to the tokenizer's length)."""
-        tokenizer = self.pipeline.tokenizer
-        ids = tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.pipeline.text_encoder(ids.to(self.device))[0]
+        return torch.stack([encoded.embedding for encoded in diffusion.encode_prompts(self.pipeline, prompts)])
 
-    @torch.no_grad()
     def generate(self, prompt_embeds: Tensor, items: Sequence[PromptItem], height: int, width: int) -> list[np.ndarray]:
-        """uint8 images of ``items`` (their seeds, one guidance) from one (T, d) embedding; CPU generators."""
-        from rece_lightning.evaluation.nudity import to_uint8  # here: the evaluation package imports this module
+        """uint8 images of ``items`` (their seeds and guidance) from one (T, d) embedding; CPU generators."""
+        from rece_lightning.evaluation import generation  # here: the evaluation package imports this module
 
-        output = self.pipeline(
-            prompt_embeds=prompt_embeds.unsqueeze(0).expand(len(items), -1, -1).to(self.pipeline.unet.dtype),
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=items[0].guidance,
-            height=height,
-            width=width,
-            generator=[torch.Generator("cpu").manual_seed(item.seed) for item in items],
-            output_type="np",
-        ).images
-        return list(to_uint8(output))
+        sizes = [(height, width)] * len(items)
+        return generation.generate_images(
+            self.pipeline, items, sizes, self.num_inference_steps, prompt_embeds=[prompt_embeds] * len(items)
+        )
 
     def shows_concept(self, images: Sequence[np.ndarray]) -> bool:
         return any(bool(found) for found in self.scorer.detect(images))

@@ -133,16 +133,13 @@ class UnlearnDiffAttack(PromptAttack):
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-            if step % self.check_every == 0 or step == self.steps:
+            if step % self.check_every == 0 or step == self.steps:  # the last step always checks: embeds is final
                 with torch.no_grad():
                     ids[0, positions] = vocabulary[_nearest(soft.detach(), candidates)]
                     embeds = encoder(ids)[0][0]
                 if context.shows_concept(context.generate(embeds, items[:1], height, width)):
                     found, steps_used = True, step
                     break
-        with torch.no_grad():
-            ids[0, positions] = vocabulary[_nearest(soft.detach(), candidates)]
-            embeds = encoder(ids)[0][0]
         adversarial = tokenizer.decode(ids[0, 1 : self.num_tokens + len(prompt_ids) - 1].tolist())  # no BOS / EOS
         return AttackOutcome(embeds, adversarial_prompt=adversarial, steps=steps_used, found=found, losses=losses)
 

@@ -143,16 +143,26 @@ class ImageSet:
 
 
 def generate_images(
-    pipeline, items: Sequence[PromptItem], sizes: Sequence[tuple[int, int]], num_inference_steps: int
+    pipeline,
+    items: Sequence[PromptItem],
+    sizes: Sequence[tuple[int, int]],
+    num_inference_steps: int,
+    prompt_embeds: Sequence[Tensor] | None = None,
 ) -> list[np.ndarray]:
     """uint8 (H, W, 3) images of ``items`` at ``sizes`` ((height, width) each), one pipeline call per guidance and
-    size; CPU generators, so the same seed gives the same starting noise on any device."""
+    size; CPU generators, so the same seed gives the same starting noise on any device. ``prompt_embeds`` (one
+    (T, d) embedding per item, e.g. a red-team attack's) replaces the items' prompts."""
     images: list[np.ndarray | None] = [None] * len(items)
     key = lambda i: (items[i].guidance, sizes[i])  # noqa: E731
     for (guidance, (height, width)), group in groupby(sorted(range(len(items)), key=key), key=key):
         group = list(group)
+        if prompt_embeds is None:
+            inputs = {"prompt": [items[i].prompt for i in group]}
+        else:
+            device, dtype = pipeline.unet.device, pipeline.unet.dtype
+            inputs = {"prompt_embeds": torch.stack([prompt_embeds[i] for i in group]).to(device, dtype)}
         output = pipeline(
-            [items[i].prompt for i in group],
+            **inputs,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance,
             height=height,

@@ -185,6 +185,7 @@ class ErasureEvaluator(pl.LightningModule):
         self.lpips_net = lpips_net
         self._requested_metrics = metrics
         self.pipeline = None
+        self.base_kv: dict[str, Tensor] | None = None
         self.kv_by_variant: dict[str, dict[str, Tensor]] = {}
         self.image_sets: dict[str, generation.ImageSet] = {}
         self._active: str | None = None
@@ -213,8 +214,9 @@ class ErasureEvaluator(pl.LightningModule):
             self._active = "erased"
         if "original" in self.variants:
             self.kv_by_variant["original"] = original
-        else:
-            del original
+        # white-box attacks read the base model's K/V even when only the erased model is evaluated
+        self.base_kv = original if "original" in self.variants or self.attack is not None else None
+        del original
         self._build_metrics()
 
     def _build_metrics(self) -> None:
@@ -232,6 +234,10 @@ class ErasureEvaluator(pl.LightningModule):
     def on_test_start(self) -> None:
         self.pipeline.to(self.device)
         self.kv_by_variant = {v: {n: w.to(self.device) for n, w in kv.items()} for v, kv in self.kv_by_variant.items()}
+        if "original" in self.kv_by_variant:
+            self.base_kv = self.kv_by_variant["original"]
+        elif self.base_kv is not None:
+            self.base_kv = {n: w.to(self.device) for n, w in self.base_kv.items()}
         settings = generation.sampler_settings(
             self.pipeline, self.hparams.pretrained_model_name_or_path, self.hparams.num_inference_steps, self.dtype_name
         )
@@ -333,13 +339,6 @@ class ErasureEvaluator(pl.LightningModule):
         self.counters[f"{variant}__attack_found"].update(float(bool(outcome.found)))
         return outcome
 
-    def _original_kv(self) -> dict[str, Tensor]:
-        """The base model's K/V when only the erased model is evaluated (white-box attacks need both)."""
-        if not hasattr(self, "_base_kv"):
-            base = diffusion.load_pipeline(self.hparams.pretrained_model_name_or_path)
-            self._base_kv = {n: w.detach().to(self.device) for n, w in diffusion.kv_weights(base.unet).items()}
-        return self._base_kv
-
     @property
     def attack_scorer(self) -> ImageScorer:
         """The attacks' own success check: the concept scorer, else NudeNet at the ASR threshold and classes."""
@@ -353,7 +352,7 @@ class ErasureEvaluator(pl.LightningModule):
         return AttackContext(
             pipeline=self.pipeline,
             variant=variant,
-            original_kv=self.kv_by_variant["original"] if "original" in self.kv_by_variant else self._original_kv(),
+            original_kv=self.base_kv,
             attacked_kv=self.kv_by_variant[variant],
             scorer=self.attack_scorer,
             num_inference_steps=self.hparams.num_inference_steps,
@@ -371,8 +370,12 @@ class ErasureEvaluator(pl.LightningModule):
             if not todo:
                 continue
             self._activate(variant)
-            generated = self._context(variant).generate(
-                outcome.prompt_embeds.to(self.device), [items[i] for i in todo], *sizes[todo[0]]
+            generated = generation.generate_images(
+                self.pipeline,
+                [items[i] for i in todo],
+                [sizes[i] for i in todo],
+                self.hparams.num_inference_steps,
+                prompt_embeds=[outcome.prompt_embeds] * len(todo),
             )
             for i, image in zip(todo, generated, strict=True):
                 self.image_sets[variant].write(items[i], records[i], image)
