@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from rece_lightning import diffusion
 from rece_lightning.distributed import sharded_map
 
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -73,10 +74,13 @@ def generate_probes(module, settings: ProbeSettings) -> Probes:
     pipeline = module.pipeline
     concepts = list(module.concepts.erase)
     derived = module.derived_embeddings()
-    prompt_embeddings = [e.embedding for e in module.encoded(concepts)]
-    rows = [derived[c] for c in concepts] + prompt_embeddings
-    dtype = pipeline.unet.dtype
-    batch = torch.stack(rows).to(dtype).repeat_interleave(settings.num_images, dim=0)
+    encoded = module.encoded(concepts)
+    rows = [derived[c] for c in concepts] + [e.embedding for e in encoded]
+    batch = torch.stack(rows).repeat_interleave(settings.num_images, dim=0)
+    # SDXL also conditions on a pooled embedding: c' and the prompt both get the concept's own (README, "SDXL").
+    pooled = None
+    if encoded[0].pooled is not None:
+        pooled = torch.stack([e.pooled for e in encoded] * 2).repeat_interleave(settings.num_images, dim=0)
     trainer = getattr(module, "_trainer", None)
     show = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
     pipeline.set_progress_bar_config(
@@ -91,7 +95,7 @@ def generate_probes(module, settings: ProbeSettings) -> Probes:
             for index in indices
         ]
         return pipeline(
-            prompt_embeds=batch[indices],
+            **diffusion.embedding_inputs(pipeline, batch[indices], None if pooled is None else pooled[indices]),
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             height=settings.height,

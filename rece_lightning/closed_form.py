@@ -87,19 +87,29 @@ def _eye(dim: int, device: torch.device | None) -> Tensor:
     return torch.eye(dim, dtype=_SOLVE_DTYPE, device=device)
 
 
-def _edit_factors(
+@dataclass(frozen=True)
+class _EditSolution:
+    """Eq. 3's ``X = A B^-1`` in the cheaper of two forms.
+
+    Few token rows (T < d): ``X = I + s D^T Z^T`` with ``D = C* - C`` (T x d) and ``Z = B^-1 C^T`` (d x T): ``A - B =
+    s (C* - C)^T C`` (the lamb and preserve terms cancel), so X - I has rank <= T and every product downstream has only
+    T columns. Many rows (T >= d, e.g. hundreds of concepts at once): the dense ``X = I + s (B^-1 C^T D)^T`` (d x d), as
+    rank-T updates would then cost more than d x d products.
+    """
+
+    difference: Tensor | None = None
+    solved: Tensor | None = None
+    dense: Tensor | None = None
+
+
+def _solve_edit(
     erase: Sequence[Tensor],
     targets: Sequence[Tensor],
     preserve: Sequence[Tensor] | None,
     lamb: float,
     erase_scale: float,
     preserve_scale: float,
-) -> tuple[Tensor, Tensor]:
-    """``(D, Z)`` with ``A B^-1 = I + erase_scale * D^T Z^T``: ``D = C* - C`` (T x d) and ``Z = B^-1 C^T`` (d x T).
-
-    ``A - B = s (C* - C)^T C`` (the lamb and preserve terms cancel), so Eq. 3's d x d solve reduces to one Cholesky
-    factorisation of B and a solve with only T right-hand sides: X - I has rank <= T.
-    """
+) -> _EditSolution:
     _check_positive("lamb", lamb)
     _check_non_negative("erase_scale", erase_scale)
     _check_non_negative("preserve_scale", preserve_scale)
@@ -122,9 +132,13 @@ def _edit_factors(
     if kept is not None and preserve_scale > 0:
         denominator.addmm_(kept.T, kept, alpha=preserve_scale)
     denominator.diagonal().add_(lamb)
-    return destinations - sources, _spd_solve(denominator, sources.T)
-
-
+    if sources.shape[0] >= dim:
+        cross = sources.T @ destinations  # C^T C*; C^T D = C^T C* - C^T C without a (T, d) difference in memory
+        cross.sub_(sources.T @ sources)
+        dense = _spd_solve(denominator, cross).T.mul_(erase_scale)
+        dense.diagonal().add_(1.0)
+        return _EditSolution(dense=dense)
+    return _EditSolution(difference=destinations - sources, solved=_spd_solve(denominator, sources.T))
 def replace_transform(
     erase: Sequence[Tensor],
     targets: Sequence[Tensor],
@@ -139,8 +153,10 @@ def replace_transform(
     ``erase`` and ``targets`` are lists of row-aligned (T_i, d) source / destination embeddings, ``preserve`` a list of
     (T_j, d) embeddings whose outputs are kept. Returned in float64 on the inputs' device.
     """
-    difference, solved = _edit_factors(erase, targets, preserve, lamb, erase_scale, preserve_scale)
-    return _eye(difference.shape[1], difference.device) + erase_scale * difference.T @ solved.T
+    edit = _solve_edit(erase, targets, preserve, lamb, erase_scale, preserve_scale)
+    if edit.dense is not None:
+        return edit.dense
+    return _eye(edit.difference.shape[1], edit.difference.device) + erase_scale * edit.difference.T @ edit.solved.T
 
 
 @dataclass(frozen=True)
@@ -182,15 +198,20 @@ def replace_edit(
     erase_scale: float = 1.0,
     preserve_scale: float = 0.1,
 ) -> SharedState:
-    """The state after one more Eq. 3 edit, ``transform @ replace_transform(...)``, as rank-T updates.
+    """The state after one more Eq. 3 edit, ``transform @ replace_transform(...)``.
 
-    With ``X = I + s D^T Z^T`` (see ``_edit_factors``) and ``A = s M D^T`` (d x T): the new transform is
-    ``M + A Z^T`` and the new hessian ``H + R Z^T + Z R^T + Z (A^T G A) Z^T`` with ``R = M^T G A``.
+    Few rows: rank-T updates. With ``X = I + s D^T Z^T`` (see ``_EditSolution``) and ``A = s M D^T`` (d x T): the new
+    transform is ``M + A Z^T`` and the new hessian ``H + R Z^T + Z R^T + Z (A^T G A) Z^T`` with ``R = M^T G A``.
+    Many rows (T >= d): ``M X`` and ``X^T H X`` with the dense X.
     """
-    difference, solved = _edit_factors(erase, targets, preserve, lamb, erase_scale, preserve_scale)
-    gram = gram.to(device=difference.device, dtype=_SOLVE_DTYPE)
-    transform = state.transform.to(device=difference.device, dtype=_SOLVE_DTYPE)
-    hessian = state.hessian.to(device=difference.device, dtype=_SOLVE_DTYPE)
+    edit = _solve_edit(erase, targets, preserve, lamb, erase_scale, preserve_scale)
+    device = (edit.dense if edit.dense is not None else edit.difference).device
+    gram = gram.to(device=device, dtype=_SOLVE_DTYPE)
+    transform = state.transform.to(device=device, dtype=_SOLVE_DTYPE)
+    hessian = state.hessian.to(device=device, dtype=_SOLVE_DTYPE)
+    if edit.dense is not None:
+        return SharedState(transform=transform @ edit.dense, hessian=_symmetric(edit.dense.T @ (hessian @ edit.dense)))
+    difference, solved = edit.difference, edit.solved
     # X = I + s D^T Z^T, so M X = M + (s M D^T) Z^T: only products with T columns.
     shift = (transform @ difference.T).mul_(erase_scale)  # (d, T)
     gram_shift = gram @ shift  # (d, T)
@@ -216,13 +237,17 @@ def erase_closed_form(
     """
     if not weights:
         raise ValueError("weights is empty: give at least one (d_out, d) matrix")
-    difference, solved = _edit_factors(erase, targets, preserve, lamb, erase_scale, preserve_scale)
+    edit = _solve_edit(erase, targets, preserve, lamb, erase_scale, preserve_scale)
+    dim = erase[0].shape[-1]
     edited = []
     for weight in weights:
-        if weight.ndim != 2 or weight.shape[1] != solved.shape[0]:
-            raise ValueError(f"weight of shape {tuple(weight.shape)} does not take d={solved.shape[0]} inputs")
-        current = weight.to(dtype=_SOLVE_DTYPE, device=solved.device)
-        product = current + erase_scale * (current @ difference.T) @ solved.T
+        if weight.ndim != 2 or weight.shape[1] != dim:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not take d={dim} inputs")
+        current = weight.to(dtype=_SOLVE_DTYPE, device=erase[0].device)
+        if edit.dense is not None:
+            product = current @ edit.dense
+        else:
+            product = current + erase_scale * (current @ edit.difference.T) @ edit.solved.T
         edited.append(product.to(device=weight.device, dtype=weight.dtype))
     return edited
 

@@ -1,8 +1,11 @@
 """The diffusers adapter: the only module that knows Stable Diffusion's layout and layer names.
 
-It loads a ``StableDiffusionPipeline`` (hub id or local folder), finds the cross-attention K/V projections by what
-they are (``Attention.is_cross_attention``), reads and writes their weights, encodes prompts, selects tokens the way
-the reference code does, and builds a tiny random SD-1.x-shaped pipeline for offline tests.
+It finds the pipeline class of a model folder from its ``model_index.json`` (SD 1.x / 2.x: ``StableDiffusionPipeline``;
+SDXL: ``StableDiffusionXLPipeline``; SD3 and Flux are refused), loads it (hub id or local folder), finds the
+cross-attention K/V projections by what they are (``Attention.is_cross_attention``), reads and writes their weights,
+encodes prompts exactly as the pipeline does (SDXL: both text encoders concatenated, d = 2048, plus the pooled
+embedding), selects tokens the way the reference code does, and builds tiny random SD-1.x-, SD-2.x- and SDXL-shaped
+pipelines for offline tests.
 """
 
 from __future__ import annotations
@@ -44,8 +47,63 @@ def looks_like_local_path(name_or_path: str) -> bool:
     )
 
 
+# The pipeline classes whose U-Net reads the text through cross-attention K/V: what RECE's closed form edits.
+SUPPORTED_PIPELINES: dict[str, str] = {
+    "StableDiffusionPipeline": "SD 1.x / 2.x",
+    "StableDiffusionXLPipeline": "SDXL",
+}
+# Families without cross-attention K/V over a text embedding: refused with the reason.
+_JOINT_ATTENTION = ("StableDiffusion3", "Flux", "SD3", "AuraFlow", "HunyuanDiT", "PixArt", "Sana", "Lumina", "QwenImage")
+
+
+def model_index(name_or_path: str) -> dict | None:
+    """The pipeline folder's ``model_index.json`` (a local folder, or a hub id already in the Hugging Face cache); None
+    where it cannot be read without a download."""
+    if looks_like_local_path(name_or_path):
+        path = Path(name_or_path).expanduser() / "model_index.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "model_index.json")
+    except Exception:  # noqa: BLE001  (no cache, odd id: the class is checked after loading instead)
+        return None
+    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
+def check_pipeline_class(class_name: str, name_or_path: str) -> str:
+    """Refuse a pipeline class RECE cannot edit, saying why; return the supported class name."""
+    if class_name in SUPPORTED_PIPELINES:
+        return class_name
+    if any(family.lower() in class_name.lower() for family in _JOINT_ATTENTION):
+        raise ValueError(
+            f"{name_or_path!r} is a {class_name}: a transformer with joint (MM-DiT) attention over text and image "
+            "tokens, which has no cross-attention key/value projections reading the text embedding. RECE and UCE "
+            "edit exactly those (attn2.to_k / attn2.to_v of a U-Net), so this model is not supported; supported: "
+            + ", ".join(f"{name} ({family})" for name, family in SUPPORTED_PIPELINES.items())
+        )
+    raise ValueError(
+        f"{name_or_path!r} is a {class_name!r}, which is not supported: give a text-to-image pipeline of "
+        + " or ".join(f"{name} ({family})" for name, family in SUPPORTED_PIPELINES.items())
+    )
+
+
+def pipeline_class_name(name_or_path: str) -> str | None:
+    """The supported pipeline class named by the folder's ``model_index.json`` (None if it cannot be read here)."""
+    index = model_index(name_or_path)
+    if index is None:
+        return None
+    return check_pipeline_class(str(index.get("_class_name")), name_or_path)
+
+
+def is_sdxl(pipeline) -> bool:
+    """Whether ``pipeline`` conditions on two text encoders and a pooled embedding (SDXL)."""
+    return getattr(pipeline, "text_encoder_2", None) is not None
+
+
 def check_pretrained_path(name_or_path: str) -> None:
-    """Refuse a local folder that is not a saved diffusers pipeline before anything heavy is loaded."""
+    """Refuse a local folder that is not a saved diffusers pipeline, or a pipeline class RECE cannot edit, before
+    anything heavy is loaded."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(
             f"pretrained_model_name_or_path={name_or_path!r} is not allowed: give a hub id such as "
@@ -56,6 +114,7 @@ def check_pretrained_path(name_or_path: str) -> None:
             f"pretrained_model_name_or_path={name_or_path!r} is not a diffusers pipeline folder (no model_index.json "
             "there); give a folder written by save_pretrained or a hub id such as 'CompVis/stable-diffusion-v1-4'"
         )
+    pipeline_class_name(name_or_path)
 
 
 def load_tokenizer(name_or_path: str):
@@ -66,23 +125,35 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
-    """``StableDiffusionPipeline.from_pretrained`` without the safety checker (it would blank the probe images)."""
-    from diffusers import StableDiffusionPipeline
+    """``from_pretrained`` of the pipeline class the folder's ``model_index.json`` names (SD 1.x/2.x or SDXL), without
+    the safety checker (it would blank the probe images) or SDXL's invisible watermark (it would alter them)."""
+    import diffusers
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        os.path.expanduser(name_or_path),
-        dtype=dtype,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    class_name = pipeline_class_name(name_or_path) or "DiffusionPipeline"
+    extra = (
+        {"add_watermarker": False}
+        if class_name == "StableDiffusionXLPipeline"
+        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     )
+    pipeline = getattr(diffusers, class_name).from_pretrained(os.path.expanduser(name_or_path), dtype=dtype, **extra)
+    check_pipeline_class(type(pipeline).__name__, name_or_path)  # a hub id whose index was not cached
     pipeline.set_progress_bar_config(disable=True)
-    for component in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+    for component in _networks(pipeline):
         component.requires_grad_(False)
         component.eval()
     if device is not None:
         pipeline.to(device)
     return pipeline
+
+
+def _networks(pipeline) -> list[nn.Module]:
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return [getattr(pipeline, name) for name in names if getattr(pipeline, name, None) is not None]
+
+
+def default_image_size(pipeline) -> int:
+    """The pipeline's own image side: 512 for SD 1.x, 768 for SD 2.x (768-v), 1024 for SDXL."""
+    return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
 
 
 # --- cross-attention K/V -------------------------------------------------------------------------------------------
@@ -202,10 +273,15 @@ def check_kv_fit_before_loading(name_or_path: str, weights: Mapping[str, Tensor]
 
 @dataclass(frozen=True)
 class EncodedPrompt:
-    """One prompt's text-encoder output over all positions and the number of real tokens (BOS and EOS included)."""
+    """One prompt's text-encoder output over all positions and the number of real tokens (BOS and EOS included).
+
+    ``pooled``: SDXL's pooled text embedding (the second encoder's projection), which conditions the U-Net through its
+    time embedding, not through cross-attention; None for SD 1.x / 2.x.
+    """
 
     embedding: Tensor  # (max_length, d)
     length: int
+    pooled: Tensor | None = None
 
 
 def token_count(tokenizer, text: str) -> int:
@@ -213,21 +289,53 @@ def token_count(tokenizer, text: str) -> int:
     return len(tokenizer(text, truncation=False).input_ids)
 
 
+ENCODE_BATCH = 64  # prompts per text-encoder call: thousands of concepts encode in batches, not all at once
+
+
 @torch.no_grad()
-def encode_prompts(pipeline, prompts: Sequence[str]) -> list[EncodedPrompt]:
-    """Encode all ``prompts`` in one text-encoder call (padded to the tokenizer's 77 positions)."""
+def encode_prompts(pipeline, prompts: Sequence[str], batch_size: int = ENCODE_BATCH) -> list[EncodedPrompt]:
+    """Encode ``prompts`` in batches, padded to the tokenizer's 77 positions, as the pipeline itself would.
+
+    SD 1.x / 2.x: the text encoder's last hidden state (``StableDiffusionPipeline.encode_prompt`` without clip skip).
+    SDXL: ``StableDiffusionXLPipeline.encode_prompt`` itself: both encoders' penultimate layers concatenated (d = 2048
+    for SDXL base) and the pooled embedding.
+    """
+    prompts = list(prompts)
     tokenizer = pipeline.tokenizer
-    tokens = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    encoder = pipeline.text_encoder
-    hidden = encoder(tokens.input_ids.to(encoder.device))[0]
-    lengths = tokens.attention_mask.sum(dim=1).tolist()
-    return [EncodedPrompt(hidden[i], int(lengths[i])) for i in range(len(prompts))]
+    encoded: list[EncodedPrompt] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        tokens = tokenizer(
+            chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        lengths = tokens.attention_mask.sum(dim=1).tolist()
+        if is_sdxl(pipeline):
+            hidden, _, pooled, _ = pipeline.encode_prompt(
+                chunk, device=pipeline.text_encoder_2.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        else:
+            encoder = pipeline.text_encoder
+            mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
+            hidden, pooled = encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0], None
+        encoded += [
+            EncodedPrompt(hidden[i], int(lengths[i]), None if pooled is None else pooled[i]) for i in range(len(chunk))
+        ]
+    return encoded
+
+
+def embedding_inputs(pipeline, prompt_embeds: Tensor, pooled: Tensor | None = None) -> dict[str, Tensor]:
+    """Keyword arguments that make ``pipeline(...)`` generate from embeddings instead of prompts.
+
+    SDXL also needs a pooled embedding per row; RECE's probes pass the concept's own (the text encoders are never
+    edited, so whatever regenerates the concept through K/V arrives with that pooled vector; see the README).
+    """
+    device, dtype = pipeline.unet.device, pipeline.unet.dtype
+    inputs = {"prompt_embeds": prompt_embeds.to(device, dtype)}
+    if is_sdxl(pipeline):
+        if pooled is None:
+            raise ValueError("an SDXL pipeline needs a pooled text embedding with prompt_embeds; none was given")
+        inputs["pooled_prompt_embeds"] = pooled.to(device, dtype)
+    return inputs
 
 
 def select_tokens(
@@ -296,16 +404,36 @@ def train_small_bpe(folder: Path, corpus: Sequence[str] = _TINY_CORPUS, vocab_si
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "do_lower_case": True}))
 
 
-def build_tiny_pipeline(folder: str | os.PathLike, tokenizer: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Write a random tiny SD-1.x-shaped pipeline to ``folder`` with ``save_pretrained`` and return the folder.
+TINY_ARCHITECTURES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 
-    U-Net with cross-attention at two resolutions (4 cross-attention layers, 8 K/V matrices), a tiny VAE, a 2-layer
-    CLIP text encoder of width 32, DDIM scheduler, no safety checker. ``tokenizer`` is a folder holding the real CLIP
-    tokenizer (``vocab.json`` + ``merges.txt``); without it a small BPE is trained on the fly.
+
+def build_tiny_pipeline(
+    folder: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    seed: int = 0,
+    architecture: str = "sd1",
+) -> Path:
+    """Write a random tiny pipeline to ``folder`` with ``save_pretrained`` and return the folder.
+
+    ``architecture``:
+
+    * ``"sd1"``: U-Net with cross-attention at two resolutions (7 cross-attention layers, 14 K/V matrices), 2-layer
+      CLIP text encoder of width 32, epsilon prediction.
+    * ``"sd2"``: SD 2.x's differences: linear projections in the transformer blocks, per-block head sizes, a GELU
+      (OpenCLIP-style) text encoder of width 48, v-prediction.
+    * ``"sdxl"``: SDXL's: two text encoders (widths 32 + 32, concatenated to d = 64; the second with a projection that
+      gives the pooled embedding), ``text_time`` added conditioning, cross-attention in the inner block only, with two
+      transformer layers (8 cross-attention layers, 16 K/V matrices).
+
+    Every one has a tiny VAE and a DDIM scheduler, and no safety checker. ``tokenizer`` is a folder holding the real
+    CLIP tokenizer (``vocab.json`` + ``merges.txt``); without it a small BPE is trained on the fly.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r} is not allowed: choose one of {list(TINY_ARCHITECTURES)}")
     folder = Path(folder)
     tokenizer_folder = folder / "_tokenizer_source"
     if tokenizer is None:
@@ -313,16 +441,57 @@ def build_tiny_pipeline(folder: str | os.PathLike, tokenizer: str | os.PathLike 
         tokenizer = tokenizer_folder
     clip_tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=77)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+
+    def text_config(width: int, **extra) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=max(len(clip_tokenizer), 1000),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id,
+            **extra,
+        )
+
+    unet_shape = {
+        "sample_size": 8,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "norm_num_groups": 32,
+    }
+    if architecture == "sdxl":
+        unet = UNet2DConditionModel(
+            **unet_shape,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + the pooled embedding's 32
+            cross_attention_dim=64,
+        )
+        encoders = {
+            "text_encoder": CLIPTextModel(text_config(32, hidden_act="gelu")),
+            "text_encoder_2": CLIPTextModelWithProjection(text_config(32, hidden_act="gelu", projection_dim=32)),
+            "tokenizer_2": clip_tokenizer,
+        }
+    else:
+        sd2 = architecture == "sd2"
+        width = 48 if sd2 else 32
+        unet = UNet2DConditionModel(
+            **unet_shape,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=width,
+            attention_head_dim=(2, 4) if sd2 else 8,
+            use_linear_projection=sd2,
+        )
+        encoders = {"text_encoder": CLIPTextModel(text_config(width, hidden_act="gelu" if sd2 else "quick_gelu"))}
     vae = AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
@@ -333,18 +502,6 @@ def build_tiny_pipeline(folder: str | os.PathLike, tokenizer: str | os.PathLike 
         norm_num_groups=32,
         sample_size=32,
     )
-    text_config = CLIPTextConfig(
-        vocab_size=max(len(clip_tokenizer), 1000),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=clip_tokenizer.bos_token_id,
-        eos_token_id=clip_tokenizer.eos_token_id,
-        pad_token_id=clip_tokenizer.pad_token_id,
-    )
-    text_encoder = CLIPTextModel(text_config)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -352,17 +509,23 @@ def build_tiny_pipeline(folder: str | os.PathLike, tokenizer: str | os.PathLike 
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type="v_prediction" if architecture == "sd2" else "epsilon",
     )
-    pipeline = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if architecture == "sdxl":
+        pipeline = diffusers.StableDiffusionXLPipeline(
+            unet=unet, vae=vae, tokenizer=clip_tokenizer, scheduler=scheduler, add_watermarker=False, **encoders
+        )
+    else:
+        pipeline = diffusers.StableDiffusionPipeline(
+            unet=unet,
+            vae=vae,
+            tokenizer=clip_tokenizer,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **encoders,
+        )
     pipeline.save_pretrained(folder, safe_serialization=True)
     if tokenizer_folder.exists():
         for file in tokenizer_folder.iterdir():

@@ -191,10 +191,10 @@ def test_bad_shapes_and_reg_are_refused():
         derive_embedding_from_transform(torch.eye(3), torch.eye(3), rows, reg=-1)
 
 
-def test_incremental_state_tracks_the_full_recomputation_over_many_rounds():
-    """replace_edit's rank-T updates of the transform and of M^T G M stay equal to recomputing them from scratch."""
+@pytest.mark.parametrize("dim", [24, 96])  # 77 token rows: the dense d x d path at 24, rank-T updates at 96
+def test_incremental_state_tracks_the_full_recomputation_over_many_rounds(dim):
+    """replace_edit's updates of the transform and of M^T G M stay equal to recomputing them from scratch."""
     generator = torch.Generator().manual_seed(13)
-    dim = 24
     originals = [torch.randn(out, dim, generator=generator, dtype=torch.float64) * 0.2 for out in (24, 48)]
     gram = gram_matrix(originals)
     concept, guide = _embeddings(generator, 77, dim), _embeddings(generator, 77, dim)
@@ -229,3 +229,30 @@ def test_apply_transform_returns_the_weight_dtype_within_rounding(dtype):
     reference = weight.double() @ transform
     assert result.dtype == dtype
     assert (result.double() - reference).abs().max() <= 4 * torch.finfo(dtype).eps * reference.abs().max()
+
+
+def _lstsq_edit_qr(weight, erase, targets, lamb, erase_scale):
+    """Eq. 2 (no preserve term) by a QR least-squares solve: independent of the normal equations, cheap at d = 2048."""
+    dim = weight.shape[1]
+    lhs = torch.cat([math.sqrt(erase_scale) * erase, math.sqrt(lamb) * torch.eye(dim, dtype=torch.float64)])
+    rhs = torch.cat([math.sqrt(erase_scale) * targets @ weight.T, math.sqrt(lamb) * weight.T])
+    return torch.linalg.lstsq(lhs, rhs, driver="gels").solution.T
+
+
+# SD 2.x's OpenCLIP width and SDXL's two encoders concatenated; one concept's rows (rank-T path) or more rows than d
+# (the dense path of many concepts at once).
+@pytest.mark.parametrize(
+    "dim,tokens", [(1024, 77), (1024, 1100), (2048, 77)]
+)
+def test_eq3_and_eq8_hold_at_sd2_and_sdxl_widths(dim, tokens):
+    generator = torch.Generator().manual_seed(dim + tokens)
+    weight = torch.randn(96, dim, generator=generator, dtype=torch.float64) * dim**-0.5
+    erase, targets = _embeddings(generator, tokens, dim, spread=2), _embeddings(generator, tokens, dim, spread=2)
+    edited = erase_closed_form([weight], [erase], [targets], lamb=0.1, preserve_scale=0.0)[0]
+    reference = _lstsq_edit_qr(weight, erase, targets, 0.1, 1.0)
+    assert (edited - reference).abs().max() <= 1e-8 * reference.abs().max()
+    transform = replace_transform([erase], [targets], lamb=0.1, preserve_scale=0.0)
+    assert (weight @ transform - reference).abs().max() <= 1e-8 * reference.abs().max()
+    concept = _embeddings(generator, 77, dim)
+    derived = derive_embedding([edited], [weight], concept, reg=0.1)
+    torch.testing.assert_close(derived, _lstsq_derive([edited], [weight], concept, 0.1), rtol=1e-7, atol=1e-8)

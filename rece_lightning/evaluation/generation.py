@@ -23,6 +23,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
+from rece_lightning import diffusion
 from rece_lightning.data import PromptItem
 from rece_lightning.evaluation.nudity import to_uint8
 from rece_lightning.export import atomic_write
@@ -159,8 +160,7 @@ def generate_images(
         if prompt_embeds is None:
             inputs = {"prompt": [items[i].prompt for i in group]}
         else:
-            device, dtype = pipeline.unet.device, pipeline.unet.dtype
-            inputs = {"prompt_embeds": torch.stack([prompt_embeds[i] for i in group]).to(device, dtype)}
+            inputs = diffusion.embedding_inputs(pipeline, torch.stack([prompt_embeds[i] for i in group]))
         output = pipeline(
             **inputs,
             num_inference_steps=num_inference_steps,

@@ -135,8 +135,16 @@ class ErasureEvaluator(pl.LightningModule):
                     "(NudeNet) or 'concept_asr' (the scorer)"
                 )
         self.attack = attack
-        self.concept_scorer = check_scorer(scorer, type(self).__name__) if scorer is not None else None
         diffusion.check_pretrained_path(pretrained_model_name_or_path)
+        if attack is not None and diffusion.pipeline_class_name(pretrained_model_name_or_path) not in (
+            None,
+            "StableDiffusionPipeline",
+        ):
+            raise ValueError(
+                f"attack={attack.name!r} on {pretrained_model_name_or_path!r}: the red-team attacks drive one CLIP text "
+                "encoder (SD 1.x / 2.x); SDXL's two encoders and pooled embedding are not supported by them yet"
+            )
+        self.concept_scorer = check_scorer(scorer, type(self).__name__) if scorer is not None else None
         if erased is None and not original_only:
             raise ValueError(
                 "erased=null: give the erased model (--model.erased=<export folder, rece_kv.safetensors or .ckpt>), "
@@ -274,12 +282,11 @@ class ErasureEvaluator(pl.LightningModule):
         self.log("images", float(self._images_done), prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def image_size(self, item: PromptItem) -> tuple[int, int]:
-        """(height, width) of ``item``'s image: the option if set, else the prompt's own, else 512 (reference)."""
+        """(height, width) of ``item``'s image: the option if set, else the prompt's own, else the model's own side
+        (512 for SD 1.x, the reference; 768 for SD 2.x-768; 1024 for SDXL)."""
         hp = self.hparams
-        return (
-            hp.height or item.height or generation.REFERENCE_SIZE,
-            hp.width or item.width or generation.REFERENCE_SIZE,
-        )
+        side = diffusion.default_image_size(self.pipeline) if self.pipeline is not None else generation.REFERENCE_SIZE
+        return (hp.height or item.height or side, hp.width or item.width or side)
 
     def _images(self, variant: str, items: list[PromptItem]) -> list[np.ndarray]:
         """uint8 (H, W, 3) per item: read back where the image set has it (resume), generated and saved where not."""
