@@ -139,6 +139,8 @@ def _solve_edit(
         dense.diagonal().add_(1.0)
         return _EditSolution(dense=dense)
     return _EditSolution(difference=destinations - sources, solved=_spd_solve(denominator, sources.T))
+
+
 def replace_transform(
     erase: Sequence[Tensor],
     targets: Sequence[Tensor],

@@ -53,7 +53,17 @@ SUPPORTED_PIPELINES: dict[str, str] = {
     "StableDiffusionXLPipeline": "SDXL",
 }
 # Families without cross-attention K/V over a text embedding: refused with the reason.
-_JOINT_ATTENTION = ("StableDiffusion3", "Flux", "SD3", "AuraFlow", "HunyuanDiT", "PixArt", "Sana", "Lumina", "QwenImage")
+_JOINT_ATTENTION = (
+    "StableDiffusion3",
+    "Flux",
+    "SD3",
+    "AuraFlow",
+    "HunyuanDiT",
+    "PixArt",
+    "Sana",
+    "Lumina",
+    "QwenImage",
+)
 
 
 def model_index(name_or_path: str) -> dict | None:
@@ -315,7 +325,11 @@ def encode_prompts(pipeline, prompts: Sequence[str], batch_size: int = ENCODE_BA
             )
         else:
             encoder = pipeline.text_encoder
-            mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
+            mask = (
+                tokens.attention_mask.to(encoder.device)
+                if getattr(encoder.config, "use_attention_mask", False)
+                else None
+            )
             hidden, pooled = encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0], None
         encoded += [
             EncodedPrompt(hidden[i], int(lengths[i]), None if pooled is None else pooled[i]) for i in range(len(chunk))

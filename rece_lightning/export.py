@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from importlib import metadata
@@ -39,12 +40,14 @@ __all__ = [
     "WEIGHTS_NAME",
     "apply_erased",
     "atomic_write",
+    "check_pipeline_export_folder",
     "check_writable_folder",
     "load_erased",
     "package_versions",
     "read_erased",
     "read_manifest",
     "save_erased",
+    "save_erased_pipeline",
 ]
 
 
@@ -58,15 +61,17 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _default_file_mode() -> int:
-    """The mode ``open()`` gives a new file under the umask (0644 under the usual 022); read once, at import, as
-    ``os.umask`` can only be read by setting it, which would race with other threads creating files."""
+def _read_umask() -> int:
+    """The process umask, read once at import: ``os.umask`` can only be read by setting it, which would race with
+    other threads creating files."""
     umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-_FILE_MODE = _default_file_mode()
+_UMASK = _read_umask()
+_FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file (0644 under the usual 022)
+_DIR_MODE = 0o777 & ~_UMASK
 
 
 def atomic_write(path: Path, write) -> None:
@@ -118,6 +123,46 @@ def save_erased(folder: str | os.PathLike, weights: Mapping[str, Tensor], manife
         lambda tmp: Path(tmp).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str)),
     )
     return weights_path
+
+
+def check_pipeline_export_folder(option: str, folder: str | os.PathLike) -> None:
+    """Refuse, before any work, a non-empty folder that a pipeline export would replace but that holds no earlier
+    export (``rece_manifest.json``): whatever else is there would be lost."""
+    check_writable_folder(option, folder)
+    path = Path(folder).expanduser()
+    if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST_NAME).is_file():
+        raise FileExistsError(
+            f"{option}={str(folder)!r} is a non-empty folder that holds no earlier export ({MANIFEST_NAME}); a "
+            "diffusers export replaces the whole folder: give a new or empty one"
+        )
+
+
+def save_erased_pipeline(folder: str | os.PathLike, pipeline, manifest: Mapping[str, Any]) -> Path:
+    """Write the whole edited ``pipeline`` with ``save_pretrained`` (safetensors) plus ``manifest`` into ``folder``.
+
+    Plain diffusers loads the result with ``from_pretrained``; ``load_erased`` and the evaluator read its K/V. Written
+    into a staging folder beside ``folder`` and swapped in at the end, so a failure leaves any earlier export whole.
+    """
+    for name, value in kv_weights(pipeline.unet).items():
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(f"refusing to export: K/V weight {name!r} holds NaN or inf values")
+    check_pipeline_export_folder("export_dir", folder)
+    folder = Path(folder).expanduser()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.staging-"))
+    retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    try:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        full_manifest = {**manifest, "format": "diffusers", "versions": package_versions()}
+        (staging / MANIFEST_NAME).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str))
+        os.chmod(staging, _DIR_MODE)  # mkdtemp makes 0700 folders
+        if folder.exists():
+            os.replace(folder, retired)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+    return folder
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,22 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from rece_lightning import closed_form, diffusion, distributed
+from rece_lightning.base_cache import BaseModelCache
 from rece_lightning.data import ConceptDataModule, ConceptSet
 from rece_lightning.diffusion import TOKEN_MODES, EncodedPrompt, TokenMode
-from rece_lightning.export import TRANSFORM_KEY, check_writable_folder, save_erased
+from rece_lightning.export import (
+    TRANSFORM_KEY,
+    check_pipeline_export_folder,
+    check_writable_folder,
+    save_erased,
+    save_erased_pipeline,
+)
 from rece_lightning.precision import check_trainer_precision
 
 __all__ = ["RECEModule"]
 
 MAX_SENSIBLE_ROUNDS = 50  # the paper uses 1-10; more is allowed, with a warning
+EXPORT_FORMATS = ("kv", "diffusers")
 
 
 def _check(name: str, value: float, *, strictly_positive: bool) -> None:
@@ -67,11 +76,17 @@ class RECEModule(pl.LightningModule):
             released nudity model used 1.0.
         dtype: dtype of the pipeline's weights: ``float32``, ``float16``, ``bfloat16`` or ``float64``. The solves run in
             float64.
-        export_dir: where the erased K/V weights and their manifest are written at the end of fit; ``{log_dir}``
-            stands for the run's log folder. ``null`` writes nothing.
+        export_dir: where the erased model is written at the end of fit; ``{log_dir}`` stands for the run's log
+            folder. ``null`` writes nothing.
+        export_format: ``kv``: the erased K/V weights (``rece_kv.safetensors``) and their manifest, a few MB, applied
+            with ``load_erased``; ``diffusers``: a complete pipeline folder (``save_pretrained``) that plain diffusers
+            loads with ``from_pretrained`` and no project code, plus the same manifest.
+        cache_dir: folder where the base model's Gram matrix and prompt encodings are kept across runs (keyed by a
+            hash of its K/V weights), e.g. ``~/.cache/rece-lightning``; ``null``: in memory only, for this process.
         create_tiny_pipeline: testing aid: if ``pretrained_model_name_or_path`` is a missing local folder, write a
             random tiny SD-1.x-shaped pipeline there first (offline smoke runs).
         tiny_pipeline_tokenizer: folder of the real CLIP tokenizer for ``create_tiny_pipeline`` (else a small BPE).
+        tiny_architecture: shape of that tiny pipeline: ``sd1``, ``sd2`` or ``sdxl``.
     """
 
     def __init__(
@@ -91,8 +106,11 @@ class RECEModule(pl.LightningModule):
         uce_preserve_scale: float | None = None,
         dtype: str = "float32",
         export_dir: str | None = "{log_dir}/erased",
+        export_format: str = "kv",
+        cache_dir: str | None = None,
         create_tiny_pipeline: bool = False,
         tiny_pipeline_tokenizer: str | None = None,
+        tiny_architecture: str = "sd1",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -109,6 +127,11 @@ class RECEModule(pl.LightningModule):
             if mode not in TOKEN_MODES:
                 raise ValueError(f"{name}={mode!r} is not allowed: choose one of {list(TOKEN_MODES)}")
         self.weight_dtype = diffusion.resolve_dtype(dtype)
+        if tiny_architecture not in diffusion.TINY_ARCHITECTURES:
+            raise ValueError(
+                f"tiny_architecture={tiny_architecture!r} is not allowed: choose one of "
+                f"{list(diffusion.TINY_ARCHITECTURES)}"
+            )
         if not (create_tiny_pipeline and diffusion.looks_like_local_path(pretrained_model_name_or_path)):
             diffusion.check_pretrained_path(pretrained_model_name_or_path)
         elif Path(pretrained_model_name_or_path).expanduser().is_file():
@@ -116,12 +139,20 @@ class RECEModule(pl.LightningModule):
                 f"pretrained_model_name_or_path={pretrained_model_name_or_path!r} is a file: create_tiny_pipeline "
                 "writes a pipeline folder there"
             )
+        if export_format not in EXPORT_FORMATS:
+            raise ValueError(f"export_format={export_format!r} is not allowed: choose one of {list(EXPORT_FORMATS)}")
         if export_dir is not None and "{log_dir}" not in export_dir:
-            check_writable_folder("export_dir", export_dir)
+            if export_format == "diffusers":
+                check_pipeline_export_folder("export_dir", export_dir)
+            else:
+                check_writable_folder("export_dir", export_dir)
+        if cache_dir is not None:
+            check_writable_folder("cache_dir", cache_dir)
         self.automatic_optimization = False
         self.pipeline = None  # a diffusers pipeline, not an nn.Module: it stays out of state_dict and checkpoints
         self.original_kv: dict[str, Tensor] = {}
         self._embeddings: dict[str, EncodedPrompt] = {}
+        self.base_cache: BaseModelCache | None = None
         self._derived: tuple[int, dict[str, Tensor]] | None = None
 
     # --- set-up --------------------------------------------------------------------------------------------------
@@ -146,7 +177,7 @@ class RECEModule(pl.LightningModule):
             if tokenizer is not None and not Path(tokenizer, "vocab.json").is_file():
                 rank_zero_warn(f"tiny_pipeline_tokenizer={tokenizer!r} holds no vocab.json: training a small BPE")
                 tokenizer = None
-            diffusion.build_tiny_pipeline(path, tokenizer=tokenizer)
+            diffusion.build_tiny_pipeline(path, tokenizer=tokenizer, architecture=self.hparams.tiny_architecture)
         self._check_prompt_lengths(diffusion.load_tokenizer(path))
         self.attach_pipeline(diffusion.load_pipeline(path, dtype=self.weight_dtype))
 
@@ -179,7 +210,8 @@ class RECEModule(pl.LightningModule):
         self._derived = None
         self.original_kv = {name: w.detach().clone() for name, w in diffusion.kv_weights(pipeline.unet).items()}
         device = next(iter(self.original_kv.values())).device
-        gram = closed_form.gram_matrix(list(self.original_kv.values()))
+        self.base_cache = BaseModelCache(self.original_kv, self.hparams.cache_dir)
+        gram = self.base_cache.gram(lambda: closed_form.gram_matrix(list(self.original_kv.values()))).to(device).clone()
         unedited = closed_form.SharedState.unedited(gram)
         self.register_buffer("gram", gram, persistent=False)  # a property of the base model, recomputed on load
         # The state: checkpoints hold these two d x d matrices (the hessian too, so a resumed run is bit-exact).
@@ -213,15 +245,31 @@ class RECEModule(pl.LightningModule):
     # --- the algorithm -------------------------------------------------------------------------------------------
 
     def encoded(self, prompts: list[str]) -> list[EncodedPrompt]:
-        """Text-encoder outputs of ``prompts``; each distinct prompt is encoded once per run."""
+        """Text-encoder outputs of ``prompts``, on the U-Net's device; each distinct prompt is encoded once per base
+        model (batched; kept across runs with ``cache_dir``)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
         if missing:
-            self._embeddings.update(zip(missing, diffusion.encode_prompts(self.pipeline, missing), strict=True))
+            found = self.base_cache.encodings(
+                self.pipeline, missing, lambda texts: diffusion.encode_prompts(self.pipeline, texts)
+            )
+            device = self.pipeline.unet.device
+            for prompt, encoded in zip(missing, found, strict=True):
+                pooled = None if encoded.pooled is None else encoded.pooled.to(device)
+                self._embeddings[prompt] = EncodedPrompt(encoded.embedding.to(device), encoded.length, pooled)
         return [self._embeddings[p] for p in prompts]
 
     def _preserved(self, concepts: ConceptSet) -> list[Tensor]:
+        """Rows of Eq. 2's preserve term: the guides (once per concept, as in the reference code) and ``preserve``.
+
+        A prompt listed k times enters once, scaled by sqrt(k): the same sum of outer products with 1/k of the rows
+        (1000 concepts with the guide " " would otherwise stack 77,000 identical rows).
+        """
         guides = list(concepts.guides) if self.hparams.preserve_guides else []
-        return [e.embedding for e in self.encoded(guides + list(concepts.preserve))]
+        counts = Counter(guides + list(concepts.preserve))
+        return [
+            e.embedding if counts[p] == 1 else e.embedding * math.sqrt(counts[p])
+            for p, e in zip(counts, self.encoded(list(counts)), strict=True)
+        ]
 
     def apply_uce(self, write: bool = True) -> None:
         """Algorithm 1, line 6: the preliminary UCE edit, Eq. 3 on the concepts' own embeddings."""
@@ -252,12 +300,11 @@ class RECEModule(pl.LightningModule):
         state = int(self.edits_applied)
         if self._derived is None or self._derived[0] != state or not set(concepts.erase) <= set(self._derived[1]):
             state_now = closed_form.SharedState(self.transform, self.hessian)
-            derived = {  # kept in float64: c' is erased next, and rounding it to the encoder's dtype costs ~1e-6
-                name: closed_form.derive_embedding_from_state(
-                    state_now, self.gram, encoded.embedding.to(torch.float64), reg=self.hparams.reg
-                )
-                for name, encoded in zip(concepts.erase, self.encoded(list(concepts.erase)), strict=True)
-            }
+            # All concepts in one solve (one factorisation of the d x d system, however many concepts); kept in
+            # float64: c' is erased next, and rounding it to the encoder's dtype costs ~1e-6.
+            stacked = torch.stack([e.embedding for e in self.encoded(list(concepts.erase))]).to(torch.float64)
+            solved = closed_form.derive_embedding_from_state(state_now, self.gram, stacked, reg=self.hparams.reg)
+            derived = dict(zip(concepts.erase, solved.unbind(0), strict=True))
             self._derived = (state, derived)
         return {name: self._derived[1][name] for name in concepts.erase}
 
@@ -394,8 +441,14 @@ class RECEModule(pl.LightningModule):
             "rece_epochs": self.rece_epochs_done,
         }
 
-    def export(self, folder: str | Path, **extra: Any) -> Path:
-        """Write the current K/V weights and manifest (plus ``extra`` fields) to ``folder``."""
+    def export(self, folder: str | Path, export_format: str | None = None, **extra: Any) -> Path:
+        """Write the current state and manifest (plus ``extra`` fields) to ``folder`` in ``export_format`` (default:
+        the module's): the K/V safetensors (returns its path) or a whole diffusers pipeline (returns the folder)."""
+        export_format = export_format or self.hparams.export_format
+        if export_format not in EXPORT_FORMATS:
+            raise ValueError(f"export_format={export_format!r} is not allowed: choose one of {list(EXPORT_FORMATS)}")
+        if export_format == "diffusers":
+            return save_erased_pipeline(folder, self.pipeline, {**self.manifest(), **extra})
         return save_erased(folder, self.kv_state(), {**self.manifest(), **extra})
 
     # --- Lightning plumbing --------------------------------------------------------------------------------------

@@ -241,9 +241,7 @@ def _lstsq_edit_qr(weight, erase, targets, lamb, erase_scale):
 
 # SD 2.x's OpenCLIP width and SDXL's two encoders concatenated; one concept's rows (rank-T path) or more rows than d
 # (the dense path of many concepts at once).
-@pytest.mark.parametrize(
-    "dim,tokens", [(1024, 77), (1024, 1100), (2048, 77)]
-)
+@pytest.mark.parametrize("dim,tokens", [(1024, 77), (1024, 1100), (2048, 77)])
 def test_eq3_and_eq8_hold_at_sd2_and_sdxl_widths(dim, tokens):
     generator = torch.Generator().manual_seed(dim + tokens)
     weight = torch.randn(96, dim, generator=generator, dtype=torch.float64) * dim**-0.5

@@ -141,8 +141,8 @@ class ErasureEvaluator(pl.LightningModule):
             "StableDiffusionPipeline",
         ):
             raise ValueError(
-                f"attack={attack.name!r} on {pretrained_model_name_or_path!r}: the red-team attacks drive one CLIP text "
-                "encoder (SD 1.x / 2.x); SDXL's two encoders and pooled embedding are not supported by them yet"
+                f"attack={attack.name!r} on {pretrained_model_name_or_path!r}: the red-team attacks drive one CLIP "
+                "text encoder (SD 1.x / 2.x); SDXL's two encoders and pooled embedding are not supported by them yet"
             )
         self.concept_scorer = check_scorer(scorer, type(self).__name__) if scorer is not None else None
         if erased is None and not original_only:
