@@ -1,14 +1,22 @@
-"""How long a whole RECE erasure takes next to one U-Net denoising step, on SD-1.4 shapes with random weights.
+"""How long a whole RECE erasure takes next to one U-Net denoising step, on SD-1.4 or SDXL shapes with random weights.
 
-    python benchmarks/bench_erase.py --reps 3 --device cpu      # prints one JSON object
+    python benchmarks/bench_erase.py --reps 3 --device cpu                      # SD-1.4 shapes, 1 concept
+    python benchmarks/bench_erase.py --concepts 100 --skip-compare             # 100 concepts at once
+    python benchmarks/bench_erase.py --model sdxl --concepts 1 --skip-compare  # SDXL shapes (d = 2048, 140 K/V)
 
-Times (min and median over repetitions):
-  * ``erase``: the project's public path (``RECEModule.attach_pipeline`` + ``erase``): Gram matrix of the original
-    K/V, text encoding, the preliminary UCE edit, 5 RECE epochs, weights written into the U-Net. Loading excluded.
-  * ``unet_step``: one U-Net forward on 64x64 latents, batch 2 (one classifier-free-guidance step at 512 px).
-  * ``straightforward``: the same algorithm written as the reference code does (``straightforward_rece.py``).
-Then both implementations run once more in float64 and their final K/V weights are compared, and the extra memory of
-the erasure beyond the loaded model is measured (CPU: peak resident set size; CUDA: peak allocated).
+Prints one JSON object. Times (``min`` / ``median`` seconds over repetitions):
+  * ``erase``: the project's public path (``RECEModule.attach_pipeline`` + ``erase``) from a cold start: hash of the
+    base K/V, Gram matrix, text encoding of the N concepts and the guide, the preliminary UCE edit, ``--epochs`` RECE
+    epochs, weights written into the U-Net. Loading excluded.
+  * ``erase_warm``: the same when G and the encodings are cached (a λ sweep, the next concept, a restart:
+    ``rece_lightning.base_cache``), in memory; ``erase_warm_disk``: from the on-disk cache alone (a new process).
+  * ``unet_step``: one U-Net forward, batch 2 (one classifier-free-guidance step): 64x64 latents for SD 1.4 (512 px),
+    128x128 for SDXL (1024 px).
+  * ``straightforward``: the same algorithm written as the reference code does (``straightforward_rece.py``); left out
+    by ``--skip-compare`` (it takes ~100 s for one concept on SD-1.4 shapes, and grows with N x layers^2).
+Agreement in float64: with the per-matrix closed form (``erase_closed_form`` / ``derive_embedding`` on every K/V
+matrix, no shared-transform algebra) at every N on SD-1.4 shapes, and with the straightforward run where it runs.
+Memory: the erasure's peak beyond the loaded model (CPU: resident set size; CUDA: allocated).
 """
 
 from __future__ import annotations
@@ -28,50 +36,111 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the yardstick lives 
 
 from straightforward_rece import straightforward_rece  # noqa: E402
 
-from rece_lightning import RECEModule, diffusion  # noqa: E402
+from rece_lightning import RECEModule, base_cache, closed_form, diffusion  # noqa: E402
 
 CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
 
 
-def build_sd14_shaped_pipeline(device: str, dtype: torch.dtype, tokenizer: Path | None):
-    """SD 1.4's U-Net (320/640/1280/1280, cross-attention 768) and a CLIP ViT-L/14-shaped text encoder, random."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tokenizer(tokenizer: Path | None):
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     if tokenizer is None:
         folder = Path(tempfile.mkdtemp()) / "tokenizer-source"
         diffusion.train_small_bpe(folder)
         tokenizer = folder
-    clip_tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            bos_token_id=clip_tokenizer.bos_token_id,
-            eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-        )
+    return CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=77)
+
+
+def _clip_text(tokenizer, width: int, layers: int, heads: int, projection: int | None = None, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection or width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def build_shaped_pipeline(model: str, device: str, dtype: torch.dtype, tokenizer: Path | None):
+    """SD 1.4's U-Net (320/640/1280/1280, cross-attention 768) with a CLIP ViT-L/14-shaped text encoder, or SDXL base's
+    U-Net (cross-attention 2048, 70 transformer blocks) with CLIP ViT-L + OpenCLIP bigG-shaped encoders; random."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    torch.manual_seed(0)
+    clip_tokenizer = _tokenizer(tokenizer)
     vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=32)  # never used by the erasure
-    pipeline = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer,
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    for component in (unet, text_encoder, vae):
+    if model == "sd14":
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        text_encoder = _clip_text(clip_tokenizer, 768, 12, 12)
+        pipeline = StableDiffusionPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=clip_tokenizer,
+            scheduler=DDIMScheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        pipeline = StableDiffusionXLPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=_clip_text(clip_tokenizer, 768, 12, 12),
+            text_encoder_2=_clip_text(clip_tokenizer, 1280, 32, 20, projection=1280, act="gelu"),
+            tokenizer=clip_tokenizer,
+            tokenizer_2=clip_tokenizer,
+            scheduler=DDIMScheduler(),
+            add_watermarker=False,
+        )
+    for component in diffusion._networks(pipeline):
         component.requires_grad_(False).eval()
+    pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device=device, dtype=dtype)
+
+
+def unet_step(pipeline, device: str, dtype: torch.dtype):
+    """One U-Net forward with batch 2 at the model's own resolution, as a closure."""
+    side = pipeline.unet.config.sample_size
+    width = pipeline.unet.config.cross_attention_dim
+    latents = torch.randn(2, 4, side, side, device=device, dtype=dtype)
+    context = torch.randn(2, 77, width, device=device, dtype=dtype)
+    timestep = torch.tensor(500, device=device)
+    extra = {}
+    if diffusion.is_sdxl(pipeline):
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
+            "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * 2, device=device, dtype=dtype),
+        }
+    return lambda: pipeline.unet(latents, timestep, encoder_hidden_states=context, **extra)
 
 
 def synchronize(device: str) -> None:
@@ -93,7 +162,7 @@ def timed(fn, device: str, reps: int, reset=None) -> list[float]:
 
 
 def summary(times: list[float]) -> dict[str, float]:
-    return {"min_s": min(times), "median_s": statistics.median(times), "reps": len(times)}
+    return {"min": min(times), "median": statistics.median(times), "reps": len(times)}
 
 
 class PeakResidentMemory:
@@ -124,35 +193,83 @@ class PeakResidentMemory:
         self.peak = max(self.peak, self._rss())
 
 
+def per_matrix_reference(module: RECEModule, concepts: list[str], epochs: int) -> dict[str, torch.Tensor]:
+    """The same erasure with Eq. 3 applied to every matrix and Eq. 8 summed over every matrix (float64)."""
+    hp = module.hparams
+    names = list(module.original_kv)
+    originals = [module.original_kv[n].double() for n in names]
+    encoded = dict(zip([*concepts, " "], module.encoded([*concepts, " "]), strict=True))
+    guide = encoded[" "]
+    pairs = [
+        diffusion.select_tokens(encoded[c].embedding, encoded[c].length, guide.embedding, guide.length, hp.uce_tokens)
+        for c in concepts
+    ]
+    preserve = [guide.embedding] * len(concepts)
+    options = {"lamb": hp.lamb, "erase_scale": hp.erase_scale, "preserve_scale": hp.preserve_scale}
+    current = closed_form.erase_closed_form(
+        originals, [a for a, _ in pairs], [b for _, b in pairs], preserve, **options
+    )
+    stacked = torch.stack([encoded[c].embedding for c in concepts]).double()
+    for _ in range(epochs):
+        derived = closed_form.derive_embedding(current, originals, stacked, reg=hp.reg)
+        targets = [guide.embedding] * len(concepts)
+        current = closed_form.erase_closed_form(current, list(derived.unbind(0)), targets, preserve, **options)
+    return dict(zip(names, current, strict=True))
+
+
+def relative_difference(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    return max(
+        float((ours[n].double() - reference[n].double()).abs().max() / reference[n].double().abs().max())
+        for n in reference
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of the fast erasure and the U-Net step")
+    parser.add_argument("--model", choices=["sd14", "sdxl"], default="sd14", help="shapes of the random model")
+    parser.add_argument("--concepts", type=int, default=1, help="N concepts erased at once (each to the guide ' ')")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of the warm erasure and the U-Net step")
+    parser.add_argument("--cold-reps", type=int, default=1, help="repetitions of the cold erasure")
+    parser.add_argument("--unet-reps", type=int, default=3, help="U-Net steps timed (1: no warm-up step either)")
     parser.add_argument("--slow-reps", type=int, default=1, help="repetitions of the straightforward yardstick")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--tokenizer", type=Path, default=CLIP_TOKENIZER if CLIP_TOKENIZER.is_dir() else None)
-    parser.add_argument("--skip-compare", action="store_true", help="skip the float64 agreement run")
+    parser.add_argument("--skip-compare", action="store_true", help="leave out the straightforward run (slow)")
     args = parser.parse_args()
-    if args.reps < 1 or args.slow_reps < 1:
-        parser.error(f"--reps={args.reps} / --slow-reps={args.slow_reps}: both must be >= 1")
+    for name in ("concepts", "reps", "cold_reps", "slow_reps", "unet_reps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: it must be >= 1")
+    if args.epochs < 0:
+        parser.error(f"--epochs={args.epochs}: it must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
 
     device = args.device
     dtype = torch.float16 if device == "cuda" else torch.float32
     dtype_name = {torch.float16: "float16", torch.float32: "float32"}[dtype]
-    pipeline = build_sd14_shaped_pipeline(device, dtype, args.tokenizer)
+    pipeline = build_shaped_pipeline(args.model, device, dtype, args.tokenizer)
     projections = diffusion.cross_attention_kv(pipeline.unet)
     originals = {f"{n}.weight": p.weight.detach().clone() for n, p in projections.items()}
+    concepts = ["nudity"] if args.concepts == 1 else [f"concept number {i}" for i in range(args.concepts)]
+    cache_root = Path(tempfile.mkdtemp(prefix="rece-bench-cache-"))
 
     def restore() -> None:
         diffusion.write_kv_weights(pipeline.unet, originals)
 
-    def fast() -> RECEModule:
-        module = RECEModule("random/sd-1.4-shaped", erase_concepts=["nudity"], dtype=dtype_name)
+    def erase(cache_dir: Path, kind: str = dtype_name) -> RECEModule:
+        module = RECEModule(
+            f"random/{args.model}-shaped", erase_concepts=concepts, dtype=kind, cache_dir=str(cache_dir)
+        )
         module.attach_pipeline(pipeline)
         module.erase(args.epochs)
         return module
+
+    cold_dirs = iter(range(10**6))
+
+    def cold() -> None:
+        base_cache._MEMORY.clear()
+        erase(cache_root / f"cold-{next(cold_dirs)}")
 
     # Memory first, on a fresh state, before any timing warms caches.
     restore()
@@ -160,64 +277,95 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        fast()
+        cold()
         torch.cuda.synchronize()
         extra_memory = torch.cuda.max_memory_allocated() - before
     else:
         with PeakResidentMemory() as memory:
-            fast()
+            started = time.perf_counter()
+            cold()
+            first_cold = time.perf_counter() - started
         extra_memory = memory.peak - memory.baseline
 
-    erase_times = timed(fast, device, args.reps, reset=restore)
+    # The monitored run is the first cold repetition on CPU (N = 1000 encodes for minutes: not twice).
+    cold_times = [first_cold] if device == "cpu" else []
+    cold_times += timed(cold, device, args.cold_reps - len(cold_times), reset=restore)
+    warm_dir = cache_root / "warm"
+    restore()
+    erase(warm_dir)  # fills the memory and disk caches
+    warm_times = timed(lambda: erase(warm_dir), device, args.reps, reset=restore)
 
-    latents = torch.randn(2, 4, 64, 64, device=device, dtype=dtype)
-    context = torch.randn(2, 77, 768, device=device, dtype=dtype)
-    timestep = torch.tensor(500, device=device)
+    def disk_only() -> None:
+        base_cache._MEMORY.clear()
+        erase(warm_dir)
+
+    disk_times = timed(disk_only, device, 1, reset=restore)
+
+    step = unet_step(pipeline, device, dtype)
     with torch.no_grad():
-        pipeline.unet(latents, timestep, encoder_hidden_states=context)  # warm-up
-        unet_times = timed(lambda: pipeline.unet(latents, timestep, encoder_hidden_states=context), device, args.reps)
-
-    linears = list(projections.values())
-    original_list = list(originals.values())
-    slow_times = timed(
-        lambda: straightforward_rece(pipeline, linears, original_list, "nudity", " ", epochs=args.epochs, dtype=dtype),
-        device,
-        args.slow_reps,
-        reset=restore,
-    )
+        if args.unet_reps > 1 or device == "cuda":
+            step()  # warm-up
+        unet_times = timed(step, device, args.unet_reps)
 
     result = {
+        "model": f"{args.model}-shaped",
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": dtype_name,
+        "concepts": args.concepts,
         "epochs": args.epochs,
         "kv_matrices": len(projections),
-        "erase": summary(erase_times),
+        "text_width": next(iter(originals.values())).shape[1],
+        "erase": summary(cold_times),
+        "erase_warm": summary(warm_times),
+        "erase_warm_disk": summary(disk_times),
         "unet_step": summary(unet_times),
-        "straightforward": summary(slow_times),
-        "erase_over_unet_step": min(erase_times) / min(unet_times),
-        "straightforward_over_fast": min(slow_times) / min(erase_times),
+        "erase_over_unet_step": min(cold_times) / min(unet_times),
+        "erase_warm_over_unet_step": min(warm_times) / min(unet_times),
         "erase_extra_memory_mb": extra_memory / 2**20,
     }
 
+    linears = list(projections.values())
+    original_list = list(originals.values())
     if not args.skip_compare:
-        # Both implementations again in float64 on float64 copies of the K/V layers: only the algebra differs.
+        restore()
+        slow_times = timed(
+            lambda: straightforward_rece(
+                pipeline, linears, original_list, concepts, " ", epochs=args.epochs, dtype=dtype
+            ),
+            device,
+            args.slow_reps,
+            reset=restore,
+        )
+        result["straightforward"] = summary(slow_times)
+        result["straightforward_over_fast"] = min(slow_times) / min(cold_times)
+        result["straightforward_over_fast_warm"] = min(slow_times) / min(warm_times)
+
+    if args.model == "sd14" or not args.skip_compare:
+        # Float64 copies of the K/V layers: only the algebra differs between the implementations.
         restore()
         for linear in linears:
             linear.double()
         float64_originals = {name: w.double() for name, w in originals.items()}
         diffusion.write_kv_weights(pipeline.unet, float64_originals)
-        module = RECEModule("random/sd-1.4-shaped", erase_concepts=["nudity"], dtype="float64")
-        module.attach_pipeline(pipeline)
-        module.erase(args.epochs)
+        module = erase(cache_root / "float64", kind="float64")
         fast_weights = {name: w.clone() for name, w in module.kv_state().items()}
-        diffusion.write_kv_weights(pipeline.unet, float64_originals)
-        straightforward_rece(
-            pipeline, linears, list(float64_originals.values()), "nudity", " ", epochs=args.epochs, dtype=torch.float64
+        result["max_relative_difference_per_matrix_float64"] = relative_difference(
+            fast_weights, per_matrix_reference(module, concepts, args.epochs)
         )
-        slow_weights = diffusion.kv_weights(pipeline.unet)
-        result["max_relative_weight_difference_float64"] = max(
-            float((fast_weights[n] - slow_weights[n]).abs().max() / slow_weights[n].abs().max()) for n in fast_weights
-        )
+        if not args.skip_compare:
+            diffusion.write_kv_weights(pipeline.unet, float64_originals)
+            straightforward_rece(
+                pipeline,
+                linears,
+                list(float64_originals.values()),
+                concepts,
+                " ",
+                epochs=args.epochs,
+                dtype=torch.float64,
+            )
+            result["max_relative_difference_straightforward_float64"] = relative_difference(
+                fast_weights, diffusion.kv_weights(pipeline.unet)
+            )
 
     print(json.dumps(result, indent=2))
 

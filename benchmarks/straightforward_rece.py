@@ -51,7 +51,7 @@ def straightforward_rece(
     pipeline,
     projections,
     originals,
-    concept: str,
+    concepts: str | list[str],
     guide: str,
     *,
     epochs: int,
@@ -61,23 +61,31 @@ def straightforward_rece(
     reg: float = 0.1,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """UCE then ``epochs`` derive-erase rounds, editing the ``projections`` (nn.Linear list) in place."""
-    hidden, mask = _encode(pipeline, [concept, guide])
-    start, start_guide = int(mask[0].sum()) - 2, int(mask[1].sum()) - 2
-    farthest = max(start, start_guide)
-    length = hidden.shape[1]
-    source = hidden[0][start : length - max(0, farthest - start)]
-    target = hidden[1][start_guide : length - max(0, farthest - start_guide)]
-    _edit(projections, pipeline, [source], [target], [guide], lamb, erase_scale, preserve_scale, dtype)
+    """UCE then ``epochs`` derive-erase rounds of all ``concepts`` (each to ``guide``), editing the ``projections``
+    (nn.Linear list) in place; the guide is preserved once per concept, as in the reference code."""
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    retain = [guide] * len(concepts)
+    sources, targets = [], []
+    for concept in concepts:
+        hidden, mask = _encode(pipeline, [concept, guide])
+        start, start_guide = int(mask[0].sum()) - 2, int(mask[1].sum()) - 2
+        farthest = max(start, start_guide)
+        length = hidden.shape[1]
+        sources.append(hidden[0][start : length - max(0, farthest - start)])
+        targets.append(hidden[1][start_guide : length - max(0, farthest - start_guide)])
+    _edit(projections, pipeline, sources, targets, retain, lamb, erase_scale, preserve_scale, dtype)
     for _ in range(epochs):
-        concept_embedding, _ = _encode(pipeline, [concept])
         guide_embedding, _ = _encode(pipeline, [guide])
         dim = projections[0].weight.shape[1]
-        mat1 = torch.eye(dim, device=concept_embedding.device, dtype=dtype) * reg
-        mat2 = torch.zeros(dim, dim, device=concept_embedding.device, dtype=dtype)
+        mat1 = torch.eye(dim, device=guide_embedding.device, dtype=dtype) * reg
+        mat2 = torch.zeros(dim, dim, device=guide_embedding.device, dtype=dtype)
         for layer, original in zip(projections, originals, strict=True):
             new = layer.weight.to(dtype)
             mat1 = mat1 + new.T @ new
             mat2 = mat2 + new.T @ original.to(dtype)
-        derived = concept_embedding[0].to(dtype) @ (torch.inverse(mat1) @ mat2).T
-        _edit(projections, pipeline, [derived], [guide_embedding[0]], [guide], lamb, erase_scale, preserve_scale, dtype)
+        derived = []
+        for concept in concepts:
+            concept_embedding, _ = _encode(pipeline, [concept])
+            derived.append(concept_embedding[0].to(dtype) @ (torch.inverse(mat1) @ mat2).T)
+        targets = [guide_embedding[0]] * len(concepts)
+        _edit(projections, pipeline, derived, targets, retain, lamb, erase_scale, preserve_scale, dtype)

@@ -68,10 +68,12 @@ class BaseModelCache:
 
     def gram(self, compute: Callable[[], Tensor]) -> Tensor:
         """G from memory, else from disk, else ``compute()`` (then stored in both)."""
+        path = self.folder / "gram.safetensors" if self.folder is not None else None
         if self._entry["gram"] is not None:
             self.hits["gram"] = "memory"
+            if path is not None and not path.is_file():  # found in memory under another cache_dir: keep it here too
+                self._write_gram(path, self._entry["gram"])
             return self._entry["gram"]
-        path = self.folder / "gram.safetensors" if self.folder is not None else None
         if path is not None and path.is_file():
             with safe_open(str(path), framework="pt") as handle:
                 if handle.metadata().get("kv_hash") == self.key:
@@ -81,10 +83,13 @@ class BaseModelCache:
         gram = compute()
         self._entry["gram"] = gram
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cpu = gram.detach().to("cpu").contiguous()
-            atomic_write(path, lambda tmp: save_file({"gram": cpu}, tmp, metadata={"kv_hash": self.key}))
+            self._write_gram(path, gram)
         return gram
+
+    def _write_gram(self, path: Path, gram: Tensor) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cpu = gram.detach().to("cpu").contiguous()
+        atomic_write(path, lambda tmp: save_file({"gram": cpu}, tmp, metadata={"kv_hash": self.key}))
 
     def encodings(
         self, pipeline, prompts: Sequence[str], encode: Callable[[list[str]], list[EncodedPrompt]]
@@ -96,6 +101,8 @@ class BaseModelCache:
         missing = []
         for prompt in dict.fromkeys(prompts):
             if prompt in known:
+                if folder is not None and not self._file(folder, prompt).is_file():
+                    self._write(folder, prompt, known[prompt])
                 continue
             loaded = self._read(folder, prompt) if folder is not None else None
             if loaded is None:

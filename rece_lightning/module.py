@@ -40,6 +40,7 @@ __all__ = ["RECEModule"]
 
 MAX_SENSIBLE_ROUNDS = 50  # the paper uses 1-10; more is allowed, with a warning
 EXPORT_FORMATS = ("kv", "diffusers")
+LOW_RANK_KEY = "rece_low_rank_factors"
 
 
 def _check(name: str, value: float, *, strictly_positive: bool) -> None:
@@ -154,6 +155,9 @@ class RECEModule(pl.LightningModule):
         self._embeddings: dict[str, EncodedPrompt] = {}
         self.base_cache: BaseModelCache | None = None
         self._derived: tuple[int, dict[str, Tensor]] | None = None
+        # (edits applied, left, right) with transform = I + left right^T, while that is cheaper to write; not in
+        # checkpoints (a resumed run writes densely)
+        self._factors: tuple[int, Tensor, Tensor] | None = None
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -218,6 +222,7 @@ class RECEModule(pl.LightningModule):
         self.register_buffer(TRANSFORM_KEY, unedited.transform)
         self.register_buffer("hessian", unedited.hessian)
         self.register_buffer("edits_applied", torch.zeros((), dtype=torch.long, device=device))
+        self._factors = (0, unedited.left, unedited.right)  # transform = I + left right^T while cheaper to write
 
     def _check_prompt_lengths(self, tokenizer) -> None:
         limit = tokenizer.model_max_length
@@ -239,7 +244,9 @@ class RECEModule(pl.LightningModule):
             rank_zero_info(f"RECE: preliminary UCE edit done in {time.perf_counter() - started:.3f} s")
         else:  # resumed from a checkpoint: the transform was restored, the U-Net still holds the original weights
             self._write(
-                self.transform, previous=torch.eye(*self.transform.shape, dtype=torch.float64, device=self.device)
+                self.transform,
+                previous=torch.eye(*self.transform.shape, dtype=torch.float64, device=self.device),
+                factors=self._current_factors(),
             )
 
     # --- the algorithm -------------------------------------------------------------------------------------------
@@ -330,15 +337,17 @@ class RECEModule(pl.LightningModule):
         The U-Net's weights are written once, at the end; if they come out non-finite, nothing changes.
         """
         start, start_hessian, edits = self.transform.clone(), self.hessian.clone(), int(self.edits_applied)
+        start_factors = self._factors
         if edits == 0:
             self.apply_uce(write=False)
         for _ in range(epochs):
             self.derive_and_erase(self.concepts, write=False)
         try:
-            self._write(self.transform, previous=start)
+            self._write(self.transform, previous=start, factors=self._current_factors())
         except FloatingPointError:
             self.transform.copy_(start)
             self.hessian.copy_(start_hessian)
+            self._factors = start_factors
             self.edits_applied.fill_(edits)
             raise
 
@@ -366,7 +375,7 @@ class RECEModule(pl.LightningModule):
     ) -> None:
         """Compose one Eq. 3 edit (``W_new = W_cur @ X``) into the state; refuse non-finite results."""
         edited = closed_form.replace_edit(
-            closed_form.SharedState(self.transform, self.hessian),
+            closed_form.SharedState(self.transform, self.hessian, *self._current_factors()),
             self.gram,
             sources,
             targets,
@@ -381,17 +390,36 @@ class RECEModule(pl.LightningModule):
                 "The run stops and nothing is exported."
             )
         if write:
-            self._write(edited.transform, previous=self.transform)
+            self._write(edited.transform, previous=self.transform, factors=(edited.left, edited.right))
         self.transform.copy_(edited.transform)
         self.hessian.copy_(edited.hessian)
         self.edits_applied += 1
+        self._factors = None if edited.left is None else (int(self.edits_applied), edited.left, edited.right)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The low-rank factors decide how the weights are rounded when written: kept, a resumed run is bit-exact.
+        if self._factors is not None:
+            edits, left, right = self._factors
+            checkpoint[LOW_RANK_KEY] = {"edits": edits, "left": left.to("cpu"), "right": right.to("cpu")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(LOW_RANK_KEY)
+        self._factors = None if saved is None else (saved["edits"], saved["left"], saved["right"])
+
+    def _current_factors(self) -> tuple[Tensor | None, Tensor | None]:
+        """The low-rank factors of the current transform, if they are known for this very state."""
+        if self._factors is None or self._factors[0] != int(self.edits_applied):
+            return None, None
+        return self._factors[1], self._factors[2]
 
     def weights_for(self, transform: Tensor) -> dict[str, Tensor]:
         """The K/V weights ``W_orig @ transform`` of the state that ``transform`` describes, in the model's dtype."""
         return {name: closed_form.apply_transform(w, transform) for name, w in self.original_kv.items()}
 
     @torch.no_grad()
-    def _write(self, transform: Tensor, previous: Tensor) -> None:
+    def _write(
+        self, transform: Tensor, previous: Tensor, factors: tuple[Tensor | None, Tensor | None] = (None, None)
+    ) -> None:
         """Write ``W_orig @ transform`` into the U-Net one matrix at a time (no second copy of all K/V in memory).
 
         A matrix that comes out non-finite in the model's dtype (fp16 overflow) restores ``W_orig @ previous`` in the
@@ -400,7 +428,7 @@ class RECEModule(pl.LightningModule):
         live = self.kv_state()
         written = []
         for name, original in self.original_kv.items():
-            weight = closed_form.apply_transform(original, transform)
+            weight = closed_form.apply_transform(original, transform, *factors)
             if not torch.isfinite(weight).all():
                 for done in written:
                     live[done].copy_(closed_form.apply_transform(self.original_kv[done], previous))

@@ -254,3 +254,26 @@ def test_eq3_and_eq8_hold_at_sd2_and_sdxl_widths(dim, tokens):
     concept = _embeddings(generator, 77, dim)
     derived = derive_embedding([edited], [weight], concept, reg=0.1)
     torch.testing.assert_close(derived, _lstsq_derive([edited], [weight], concept, 0.1), rtol=1e-7, atol=1e-8)
+
+
+def test_low_rank_factors_track_the_transform_until_dense_is_cheaper():
+    """transform = I + left right^T while the edits' total rank is below d/2; writing through the factors equals the
+    dense product; past d/2 the factors are dropped."""
+    generator = torch.Generator().manual_seed(23)
+    dim = 64
+    weight = torch.randn(40, dim, generator=generator, dtype=torch.float64)
+    gram = gram_matrix([weight])
+    state = SharedState.unedited(gram)
+    ranks = []
+    for _ in range(5):
+        erase, target = _embeddings(generator, 9, dim), _embeddings(generator, 9, dim)
+        state = replace_edit(state, gram, [erase], [target], lamb=0.1)
+        if state.left is None:
+            break
+        ranks.append(state.left.shape[1])
+        eye = torch.eye(dim, dtype=torch.float64)
+        torch.testing.assert_close(state.transform, eye + state.left @ state.right.T, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            apply_transform(weight, state.transform, state.left, state.right), weight @ state.transform
+        )
+    assert ranks == [9, 18, 27] and state.left is None  # 36 >= 64 / 2: dense from the fourth edit on
