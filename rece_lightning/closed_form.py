@@ -127,14 +127,15 @@ def _solve_edit(
             "exactly one destination row"
         )
     # Built in place: on CPUs every fresh d x d float64 temporary costs page faults comparable to its arithmetic.
-    denominator = (sources.T @ sources).mul_(erase_scale)
+    source_gram = sources.T @ sources
+    denominator = source_gram * erase_scale
     kept = _rows("preserve", preserve, dim, device)
     if kept is not None and preserve_scale > 0:
         denominator.addmm_(kept.T, kept, alpha=preserve_scale)
     denominator.diagonal().add_(lamb)
     if sources.shape[0] >= dim:
-        cross = sources.T @ destinations  # C^T C*; C^T D = C^T C* - C^T C without a (T, d) difference in memory
-        cross.sub_(sources.T @ sources)
+        # C^T D = C^T C* - C^T C, without a (T, d) difference in memory
+        cross = torch.sub(sources.T @ destinations, source_gram)
         dense = _spd_solve(denominator, cross).T.mul_(erase_scale)
         dense.diagonal().add_(1.0)
         return _EditSolution(dense=dense)
@@ -337,7 +338,8 @@ def derive_embedding(
 def derive_embedding_from_state(state: SharedState, gram: Tensor, concept: Tensor, *, reg: float = 0.1) -> Tensor:
     """Eq. 8 when every edited matrix is ``W_orig @ state.transform``: needs only ``gram = sum W_orig^T W_orig``.
 
-    ``(reg I + M^T G M)^-1 (M^T G) c``, with ``M^T G c`` computed as ``M^T (G c)``: thin products only.
+    ``(reg I + M^T G M)^-1 (M^T G) c``. Few rows: ``M^T (G c)``, thin products only. As many rows as d or more (many
+    concepts at once): the d x d map ``(reg I + M^T G M)^-1 M^T G`` once, then one product with all rows.
     """
     _check_positive("reg", reg)
     gram = gram.to(_SOLVE_DTYPE)
@@ -345,7 +347,10 @@ def derive_embedding_from_state(state: SharedState, gram: Tensor, concept: Tenso
     hessian = state.hessian.to(device=gram.device, dtype=_SOLVE_DTYPE).clone()
     hessian.diagonal().add_(reg)
     rows = concept.reshape(-1, concept.shape[-1]).to(device=gram.device, dtype=_SOLVE_DTYPE)
-    derived = _spd_solve(hessian, transform.T @ (gram @ rows.T)).T
+    if rows.shape[0] >= rows.shape[1]:
+        derived = rows @ _spd_solve(hessian, transform.T @ gram).T
+    else:
+        derived = _spd_solve(hessian, transform.T @ (gram @ rows.T)).T
     return derived.reshape(concept.shape).to(device=concept.device, dtype=concept.dtype)
 
 

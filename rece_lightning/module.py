@@ -273,8 +273,8 @@ class RECEModule(pl.LightningModule):
         """
         guides = list(concepts.guides) if self.hparams.preserve_guides else []
         counts = Counter(guides + list(concepts.preserve))
-        return [
-            e.embedding if counts[p] == 1 else e.embedding * math.sqrt(counts[p])
+        return [  # scaled in float64: a float32 product would perturb the rows by 1e-7, amplified by cond(B) ~ 1e6
+            e.embedding if counts[p] == 1 else e.embedding.to(torch.float64) * math.sqrt(counts[p])
             for p, e in zip(counts, self.encoded(list(counts)), strict=True)
         ]
 
