@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks import ProbeImages
+from callbacks import NudityCheckpointSelector, ProbeImages
 from callbacks.probing import ProbeSettings, generate_probes
 from rece_lightning import RECEModule, base_cache, closed_form, diffusion, load_erased
 from rece_lightning.data import PromptDataModule
@@ -33,7 +33,8 @@ def arch_pipeline_dir(request, tmp_path_factory) -> tuple[str, Path]:
 def arch_fit(arch_pipeline_dir, tmp_path_factory):
     architecture, folder = arch_pipeline_dir
     root = tmp_path_factory.mktemp(f"fit-{architecture}")
-    trainer, module = fit_tiny(folder, root, max_epochs=2, callbacks=[ProbeImages(probe=PROBE)])
+    callbacks = [ProbeImages(probe=PROBE), NudityCheckpointSelector(probe=PROBE)]
+    trainer, module = fit_tiny(folder, root, max_epochs=2, callbacks=callbacks)
     return architecture, folder, trainer, module
 
 
@@ -65,6 +66,8 @@ def test_fit_export_and_load_erased(arch_fit, tmp_path):
     assert module.rece_epochs_done == 2
     export = Path(trainer.log_dir) / "erased"
     assert (export / WEIGHTS_NAME).is_file()
+    selection = json.loads((Path(trainer.log_dir) / "selected" / "selection.json").read_text())
+    assert len(selection["scores"]) == 3  # NudeNet scored the probes of every state; one of them was exported
     fresh = load_erased(diffusion.load_pipeline(str(folder)), export)
     erased = module.kv_state()
     original = module.original_kv
