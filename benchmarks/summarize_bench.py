@@ -1,6 +1,6 @@
 """Print the README's table of erasure figures from the JSON files ``bench_erase.py`` wrote.
 
-    python benchmarks/summarize_bench.py docs/bench_erase/*.json
+python benchmarks/summarize_bench.py docs/bench_erase/*.json
 """
 
 from __future__ import annotations

@@ -239,9 +239,9 @@ def _lstsq_edit_qr(weight, erase, targets, lamb, erase_scale):
     return torch.linalg.lstsq(lhs, rhs, driver="gels").solution.T
 
 
-# SD 2.x's OpenCLIP width and SDXL's two encoders concatenated; one concept's rows (rank-T path) or more rows than d
-# (the dense path of many concepts at once).
-@pytest.mark.parametrize("dim,tokens", [(1024, 77), (1024, 1100), (2048, 77)])
+# SD 2.x's OpenCLIP width and SDXL's two encoders concatenated (the dense path of more rows than d is checked at
+# d = 24 in CASES and on 40 concepts in test_architectures.py).
+@pytest.mark.parametrize("dim,tokens", [(1024, 77), (2048, 77)])
 def test_eq3_and_eq8_hold_at_sd2_and_sdxl_widths(dim, tokens):
     generator = torch.Generator().manual_seed(dim + tokens)
     weight = torch.randn(96, dim, generator=generator, dtype=torch.float64) * dim**-0.5
