@@ -27,14 +27,15 @@ from torch import Tensor
 from rece_lightning.diffusion import EncodedPrompt
 from rece_lightning.export import atomic_write
 
-__all__ = ["BaseModelCache", "kv_content_hash"]
+__all__ = ["BaseModelCache", "kv_fingerprint"]
 
 _MEMORY: OrderedDict[str, dict] = OrderedDict()  # key -> {"gram": Tensor, "encodings": {prompt: EncodedPrompt}}
 MEMORY_MODELS = 2  # base models kept in memory at once (an SDXL entry with 1000 encodings is ~1.3 GB)
 
 
-def kv_content_hash(weights: Mapping[str, Tensor]) -> str:
-    """sha256 of K/V weights: names, dtypes, shapes and bytes, in name order (no copy of CPU tensors)."""
+def kv_fingerprint(weights: Mapping[str, Tensor]) -> str:
+    """sha256 of K/V weights: names, dtypes, shapes and bytes, in name order (no copy of CPU tensors). Keys this
+    cache and names the evaluation's image sets."""
     digest = hashlib.sha256()
     for name in sorted(weights):
         tensor = weights[name].detach().to("cpu").contiguous()
@@ -58,7 +59,7 @@ class BaseModelCache:
     """G and prompt encodings of one base model (its K/V weights as given), from memory, disk, or computed once."""
 
     def __init__(self, kv_weights: Mapping[str, Tensor], cache_dir: str | os.PathLike | None = None) -> None:
-        self.key = kv_content_hash(kv_weights)
+        self.key = kv_fingerprint(kv_weights)
         self.folder = Path(cache_dir).expanduser() / self.key[:24] if cache_dir is not None else None
         self._entry = _MEMORY.setdefault(self.key, {"gram": None, "encodings": {}})
         _MEMORY.move_to_end(self.key)

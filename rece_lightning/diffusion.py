@@ -111,9 +111,9 @@ def is_sdxl(pipeline) -> bool:
     return getattr(pipeline, "text_encoder_2", None) is not None
 
 
-def check_pretrained_path(name_or_path: str) -> None:
+def check_pretrained_path(name_or_path: str) -> str | None:
     """Refuse a local folder that is not a saved diffusers pipeline, or a pipeline class RECE cannot edit, before
-    anything heavy is loaded."""
+    anything heavy is loaded; return the pipeline class (None where ``model_index.json`` cannot be read here)."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(
             f"pretrained_model_name_or_path={name_or_path!r} is not allowed: give a hub id such as "
@@ -124,7 +124,7 @@ def check_pretrained_path(name_or_path: str) -> None:
             f"pretrained_model_name_or_path={name_or_path!r} is not a diffusers pipeline folder (no model_index.json "
             "there); give a folder written by save_pretrained or a hub id such as 'CompVis/stable-diffusion-v1-4'"
         )
-    pipeline_class_name(name_or_path)
+    return pipeline_class_name(name_or_path)
 
 
 def load_tokenizer(name_or_path: str):

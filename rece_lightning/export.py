@@ -104,11 +104,15 @@ def check_writable_folder(option: str, folder: str | os.PathLike) -> None:
         raise PermissionError(f"{option}={str(folder)!r}: {str(existing)!r} is not writable")
 
 
-def save_erased(folder: str | os.PathLike, weights: Mapping[str, Tensor], manifest: Mapping[str, Any]) -> Path:
-    """Write ``weights`` (K/V name -> tensor) and ``manifest`` into ``folder``; returns the safetensors path."""
+def _refuse_non_finite(weights: Mapping[str, Tensor]) -> None:
     for name, value in weights.items():
         if not torch.isfinite(value).all():
             raise FloatingPointError(f"refusing to export: K/V weight {name!r} holds NaN or inf values")
+
+
+def save_erased(folder: str | os.PathLike, weights: Mapping[str, Tensor], manifest: Mapping[str, Any]) -> Path:
+    """Write ``weights`` (K/V name -> tensor) and ``manifest`` into ``folder``; returns the safetensors path."""
+    _refuse_non_finite(weights)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: value.detach().to("cpu").contiguous() for name, value in weights.items()}
@@ -143,9 +147,7 @@ def save_erased_pipeline(folder: str | os.PathLike, pipeline, manifest: Mapping[
     Plain diffusers loads the result with ``from_pretrained``; ``load_erased`` and the evaluator read its K/V. Written
     into a staging folder beside ``folder`` and swapped in at the end, so a failure leaves any earlier export whole.
     """
-    for name, value in kv_weights(pipeline.unet).items():
-        if not torch.isfinite(value).all():
-            raise FloatingPointError(f"refusing to export: K/V weight {name!r} holds NaN or inf values")
+    _refuse_non_finite(kv_weights(pipeline.unet))
     check_pipeline_export_folder("export_dir", folder)
     folder = Path(folder).expanduser()
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,12 @@ def _check(name: str, value: float, *, strictly_positive: bool) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
 
 
+def _check_export_format(export_format: str) -> str:
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export_format={export_format!r} is not allowed: choose one of {list(EXPORT_FORMATS)}")
+    return export_format
+
+
 class RECEModule(pl.LightningModule):
     """Erase concepts from a Stable Diffusion U-Net with RECE (ECCV 2024): UCE, then one derive-erase round per epoch.
 
@@ -140,8 +146,7 @@ class RECEModule(pl.LightningModule):
                 f"pretrained_model_name_or_path={pretrained_model_name_or_path!r} is a file: create_tiny_pipeline "
                 "writes a pipeline folder there"
             )
-        if export_format not in EXPORT_FORMATS:
-            raise ValueError(f"export_format={export_format!r} is not allowed: choose one of {list(EXPORT_FORMATS)}")
+        _check_export_format(export_format)
         if export_dir is not None and "{log_dir}" not in export_dir:
             if export_format == "diffusers":
                 check_pipeline_export_folder("export_dir", export_dir)
@@ -472,9 +477,7 @@ class RECEModule(pl.LightningModule):
     def export(self, folder: str | Path, export_format: str | None = None, **extra: Any) -> Path:
         """Write the current state and manifest (plus ``extra`` fields) to ``folder`` in ``export_format`` (default:
         the module's): the K/V safetensors (returns its path) or a whole diffusers pipeline (returns the folder)."""
-        export_format = export_format or self.hparams.export_format
-        if export_format not in EXPORT_FORMATS:
-            raise ValueError(f"export_format={export_format!r} is not allowed: choose one of {list(EXPORT_FORMATS)}")
+        export_format = _check_export_format(export_format or self.hparams.export_format)
         if export_format == "diffusers":
             return save_erased_pipeline(folder, self.pipeline, {**self.manifest(), **extra})
         return save_erased(folder, self.kv_state(), {**self.manifest(), **extra})

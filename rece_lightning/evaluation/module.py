@@ -27,6 +27,7 @@ from torchmetrics.aggregation import SumMetric
 
 from rece_lightning import diffusion
 from rece_lightning.attacks.base import AttackContext, AttackOutcome, PromptAttack
+from rece_lightning.base_cache import kv_fingerprint
 from rece_lightning.data import PromptItem
 from rece_lightning.evaluation import generation
 from rece_lightning.evaluation import standard_metrics as _standard_metrics  # noqa: F401  (registers the metrics)
@@ -135,11 +136,8 @@ class ErasureEvaluator(pl.LightningModule):
                     "(NudeNet) or 'concept_asr' (the scorer)"
                 )
         self.attack = attack
-        diffusion.check_pretrained_path(pretrained_model_name_or_path)
-        if attack is not None and diffusion.pipeline_class_name(pretrained_model_name_or_path) not in (
-            None,
-            "StableDiffusionPipeline",
-        ):
+        pipeline_class = diffusion.check_pretrained_path(pretrained_model_name_or_path)
+        if attack is not None and pipeline_class not in (None, "StableDiffusionPipeline"):
             raise ValueError(
                 f"attack={attack.name!r} on {pretrained_model_name_or_path!r}: the red-team attacks drive one CLIP "
                 "text encoder (SD 1.x / 2.x); SDXL's two encoders and pooled embedding are not supported by them yet"
@@ -256,7 +254,7 @@ class ErasureEvaluator(pl.LightningModule):
             self._check_attack_prompts()
             self._outcomes: dict[str, dict[int, AttackOutcome]] = {v: {} for v in self.variants}
         for variant, weights in self.kv_by_variant.items():
-            fingerprint = {**settings, "kv_sha256": generation.kv_fingerprint(weights)}
+            fingerprint = {**settings, "kv_sha256": kv_fingerprint(weights)}
             self.image_sets[variant] = generation.ImageSet.open(self.output_dir, variant, fingerprint)
         rank_zero_info(
             "ErasureEvaluator: images of "
