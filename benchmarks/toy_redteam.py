@@ -133,7 +133,7 @@ def run(args) -> dict:
         }
         for name, by_state in report["seconds"].items()
     }
-    report["note"] = "seconds include generating and scoring the images; one CPU thread"
+    report["note"] = f"seconds include generating and scoring the images; torch CPU threads: {args.threads}"
     return report
 
 

@@ -10,9 +10,9 @@ For the original model, after UCE alone (state 0) and after each RECE epoch 1..N
 * ``other_colour_accuracy``: colour accuracy on prompts of the other colours (what must be spared);
 * ``erased_shape_accuracy``: shape accuracy on the concept's prompts (the object should stay, only its colour go);
 * ``erased_prompts_colours``: which colour the concept's prompts draw instead;
-* ``guide_concept_rate`` (original model only): how often the guide prompt itself draws the concept. Erasure sends
-  the concept's prompts towards the guide, so this is the floor of ``concept_rate_prompts``: in the toy world every
-  object has a colour, and the empty prompt " " draws red in about 40 % of images;
+* ``guide_concept_rate`` (original model only): how often the guide prompt itself draws the concept. The empty
+  prompt " " is the unconditional model, which draws every colour of the world (red in about a fifth of its images);
+  the erased prompts need not go there: "a red circle" without its colour word is "a circle", which draws grey;
 * ``fid_unrelated`` / ``lpips_unrelated``: the other colours' images against the original model's (same prompts and
   seeds), over a seeded random CNN (no Inception / AlexNet offline): comparable within this report only.
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from rece_lightning import RECEModule, diffusion  # noqa: E402
 from rece_lightning.evaluation import metrics as image_metrics  # noqa: E402
 from rece_lightning.evaluation.features import RandomConvFeatures  # noqa: E402
-from rece_lightning.toyworld import COLOURS, SHAPES, TEXTURES, ToyWorldScorer, predict  # noqa: E402
+from rece_lightning.toyworld import COLOURS, NEUTRAL, SHAPES, TEXTURES, ToyWorldScorer, predict  # noqa: E402
 from rece_lightning.toyworld.measure import accuracy, combination_prompts, generate  # noqa: E402
 
 
@@ -81,7 +81,9 @@ class StateMeter:
             "concept_images": len(concept_images),
             "other_colour_accuracy": accuracy(other_images, other_labels)["colour"],
             "erased_shape_accuracy": accuracy(concept_images, labels)["shape"],
-            "erased_prompts_colours": {c: colours.count(c) / len(colours) for c in [*COLOURS, None] if c in colours},
+            "erased_prompts_colours": {
+                c: colours.count(c) / len(colours) for c in [*COLOURS, NEUTRAL, None] if c in colours
+            },
             **self._paired(other_images),
         }
         if derived is not None:
@@ -236,7 +238,7 @@ def _figure(grid: dict, report: dict, args, path: Path) -> None:
         color="purple",
         lw=0.8,
         ls="-.",
-        label=f"guide {args.guide!r} itself (floor)",
+        label=f"guide {args.guide!r} itself",
     )
     right.set_xlabel("state (0 = after UCE, k = after k RECE epochs)")
     right.set_ylabel(f"share of images showing '{args.concept}' / accuracy")

@@ -15,7 +15,18 @@ from callbacks import ConceptCheckpointSelector, ProbeImages, ProbeSettings
 from rece_lightning import RECEModule, diffusion, load_erased
 from rece_lightning.data import PromptDataModule
 from rece_lightning.evaluation import ErasureEvaluator
-from rece_lightning.toyworld import COLOURS, SHAPES, TEXTURES, Scene, ToyWorldScorer, predict, render, sample, world
+from rece_lightning.toyworld import (
+    COLOURS,
+    NEUTRAL,
+    SHAPES,
+    TEXTURES,
+    Scene,
+    ToyWorldScorer,
+    predict,
+    render,
+    sample,
+    world,
+)
 from rece_lightning.toyworld.measure import accuracy, combination_prompts, generate
 from tests.conftest import fit_tiny
 
@@ -30,17 +41,19 @@ def test_scenes_are_deterministic_and_captions_name_their_labels():
     np.testing.assert_array_equal(first.image, again.image)
     assert first.prompt == again.prompt and first.image.shape == (32, 32, 3) and first.image.dtype == np.uint8
     assert not np.array_equal(first.image, other.image)
-    partial = 0
+    partial, grey = 0, 0
     for index in range(200):
         item = sample(0, index)
         words = set(item.prompt.split())
         named = words & {*COLOURS, *SHAPES, "striped"}
         assert named <= set(item.scene.labels.values()) and named, item  # never names a wrong attribute
-        partial += len(named) == 1  # captions naming one attribute alone: "red", "a circle", "a striped shape"
+        assert bool(words & set(COLOURS)) == (item.scene.colour != NEUTRAL), item  # grey is the unnamed colour
+        grey += item.scene.colour == NEUTRAL
+        partial += len(named) == 1 and item.scene.colour != NEUTRAL  # "red", "a red shape"
         if len(named) > 1:
-            assert {item.scene.colour, item.scene.shape} <= words
+            assert item.scene.shape in words
             assert ("striped" in words) == (item.scene.texture == "striped")
-    assert 20 <= partial <= 80
+    assert 15 <= partial <= 60 and 30 <= grey <= 75
     assert {w for p in world.all_prompts() for w in p.split()} == set(world.vocabulary())
     assert "red" in world.all_prompts()  # the concept's word alone is a training caption
 
@@ -56,11 +69,20 @@ def test_detectors_label_held_out_renders_with_at_least_98_percent_accuracy():
 
 
 def test_every_colour_shape_and_texture_is_recognised_on_a_plain_render():
-    for colour in COLOURS:
+    for colour in (*COLOURS, NEUTRAL):
         for shape in SHAPES:
             for texture in TEXTURES:
                 prediction = predict(render(Scene(colour, shape, texture, half_size=10.0)))
                 assert (prediction.colour, prediction.shape, prediction.texture) == (colour, shape, texture)
+
+
+def test_a_grey_object_is_grey_whatever_its_edge_pixels_say():
+    image = render(Scene(NEUTRAL, "circle", half_size=10.0))
+    image[16, 6:9] = (215, 35, 35)  # a few red pixels, as a sampler's artefacts leave on an object's edge
+    assert predict(image).colour == NEUTRAL
+    assert ToyWorldScorer(["red", NEUTRAL]).detect([image]) == [{NEUTRAL: 1.0}]
+    red = render(Scene("red", "circle", half_size=10.0))
+    assert set(ToyWorldScorer(["red", NEUTRAL]).detect([red])[0]) == {"red"}
 
 
 def test_an_empty_image_shows_nothing():
@@ -108,7 +130,7 @@ def test_shipped_model_is_a_plain_diffusers_pipeline_under_15_mb(toy_model_dir):
     )
     assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size
     card = json.loads((toy_model_dir / "toyworld.json").read_text())
-    # The card's own figures meet the targets (colour >= 0.95, shape >= 0.85; this model measures 1.0 and 0.958).
+    # The card's own figures meet the targets (colour >= 0.95, shape >= 0.85; this model measures 1.0 and 0.983).
     assert card["prompt_following"]["colour"] >= 0.95 and card["prompt_following"]["shape"] >= 0.85, card
     assert card["timings_s"]["total_training_s"] <= 30 * 60
 
@@ -143,8 +165,12 @@ def test_erasing_one_colour_lowers_its_rate_and_keeps_another(toy_model_dir, fre
     module.erase(epochs=0)  # the UCE edit; later epochs are measured by benchmarks/toy_report.py
     red_after, blue_after = _rate(fresh_toy_pipeline, "red", seeds), _rate(fresh_toy_pipeline, "blue", seeds)
     assert red_before >= 0.9, red_before  # the concept is really there before erasure
-    assert red_after <= 0.5 * red_before, red_after
-    assert blue_after >= 0.75 * blue_before and blue_before >= 0.9, (blue_before, blue_after)
+    assert red_after <= 0.1, red_after
+    assert blue_after >= 0.9 * blue_before and blue_before >= 0.9, (blue_before, blue_after)
+    # without its colour the prompt falls back on the world's default, grey (7 of 12 here; the blank prompt draws
+    # grey in 17 % of images, docs/toy_null_embedding.json)
+    grey_after = _rate(fresh_toy_pipeline, "red", seeds, scorer_colour=NEUTRAL)
+    assert grey_after >= 0.35, grey_after
 
 
 def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detections(toy_model_dir, tmp_path):
@@ -166,13 +192,10 @@ def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detection
             == count
         )
     clean = [state for state, count in enumerate(flagged) if count == 0]
+    assert clean, flagged  # RECE's epochs clear c' on this model (epoch 2 in docs/toy_report.json)
+    first_clean = clean[0]
     selection = json.loads((tmp_path / "rece" / "version_0" / "selected" / "selection.json").read_text())
-    if clean:  # the first clean state wins
-        first_clean = clean[0]
-        assert selector.selected == first_clean and "['red']" in selection["reason"]
-    else:  # never clean: the fewest detections, earliest on ties, and the manifest says so
-        first_clean = min(range(len(flagged)), key=lambda state: (flagged[state], state))
-        assert selector.selected == first_clean and "never clean" in selection["reason"]
+    assert selector.selected == first_clean and "['red']" in selection["reason"]
     assert selection["state"] == first_clean
     if first_clean > 0:  # state k is the model after epoch k-1: ModelCheckpoint's epoch=(k-1).ckpt
         pipeline_a = load_erased(diffusion.load_pipeline(str(toy_model_dir)), tmp_path / "rece/version_0/selected")

@@ -5,7 +5,8 @@ They play NudeNet's part on the toy model: :class:`ToyWorldScorer` is an
 NudeNet's place. :func:`predict` gives the full labels of an image (for accuracy figures).
 
 * Foreground: pixels far from the background's grey (estimated from the image border).
-* Colour: each saturated foreground pixel votes by hue; a colour's score is its share of the votes.
+* Colour: each saturated foreground pixel votes by hue; a colour's score is its share of the votes. An object with
+  few saturated pixels is grey (the world's unnamed colour).
 * Shape: on the largest foreground blob, how much of its bounding box it fills (square ~1, circle ~pi/4) and how
   its width grows from top to bottom (a triangle's top quarter holds ~1/7 of its bottom quarter's pixels).
 * Texture: the contrast between the object's dark and light rows (striped ~1/2, plain ~0).
@@ -21,9 +22,9 @@ import numpy as np
 
 from rece_lightning.evaluation.nudity import to_uint8
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes
-from rece_lightning.toyworld.world import COLOURS, SHAPES, TEXTURES
+from rece_lightning.toyworld.world import COLOURS, NEUTRAL, SHAPES, TEXTURES
 
-CLASSES: tuple[str, ...] = (*COLOURS, *SHAPES, *TEXTURES)
+CLASSES: tuple[str, ...] = (*COLOURS, NEUTRAL, *SHAPES, *TEXTURES)
 # Hue bands in degrees (OpenCV's hue is degrees / 2); red wraps around 0.
 _HUE_BANDS: dict[str, tuple[tuple[float, float], ...]] = {
     "red": ((0.0, 22.0), (300.0, 360.0)),
@@ -34,6 +35,7 @@ _HUE_BANDS: dict[str, tuple[tuple[float, float], ...]] = {
 MIN_FOREGROUND = 0.015  # below this share of the image there is no object to label
 FOREGROUND_DISTANCE = 45  # max per-channel distance (0..255) from the background that makes a pixel foreground
 MIN_SATURATION = 0.35  # pixels less saturated than this vote for no colour
+NEUTRAL_BELOW = 0.25  # an object with fewer saturated pixels than this share of its own is grey
 STRIPED_FROM = 0.3  # row contrast from which an object counts as striped
 
 
@@ -54,7 +56,8 @@ def _foreground(image: np.ndarray) -> np.ndarray:
     return np.abs(image.astype(np.float32) - background).max(axis=-1) > FOREGROUND_DISTANCE
 
 
-def _colour_shares(image: np.ndarray, foreground: np.ndarray) -> dict[str, float]:
+def _colour_shares(image: np.ndarray, foreground: np.ndarray) -> tuple[dict[str, float], float]:
+    """Each colour's share of the saturated foreground pixels, and the saturated pixels' share of the foreground."""
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)  # hue 0..255 over 360 degrees
     hue = hsv[..., 0] * (360.0 / 256.0)
     saturation = hsv[..., 1] / 255.0
@@ -66,7 +69,7 @@ def _colour_shares(image: np.ndarray, foreground: np.ndarray) -> dict[str, float
         for low, high in bands:
             in_band |= (hue >= low) & (hue < high)
         shares[colour] = float((in_band & voters).sum()) / total if total else 0.0
-    return shares
+    return shares, total / max(int(foreground.sum()), 1)
 
 
 def _largest_blob(foreground: np.ndarray) -> np.ndarray:
@@ -110,8 +113,8 @@ def predict(image: np.ndarray) -> Prediction:
     share = float(foreground.mean())
     if share < MIN_FOREGROUND:
         return Prediction(None, None, None, dict.fromkeys(COLOURS, 0.0), share)
-    shares = _colour_shares(pixels, foreground)
-    colour = max(shares, key=shares.get) if any(shares.values()) else None
+    shares, saturated = _colour_shares(pixels, foreground)
+    colour = max(shares, key=shares.get) if saturated >= NEUTRAL_BELOW else NEUTRAL
     blob = _largest_blob(foreground)
     texture, _ = _texture(pixels, blob)
     return Prediction(colour, _shape(blob), texture, shares, share)
@@ -121,7 +124,8 @@ class ToyWorldScorer(ImageScorer):
     """Which of ``classes`` (colours, shapes, textures) an image shows, NudeNet-style.
 
     A colour is found when it holds at least ``threshold`` of the object's coloured pixels (so one image shows at
-    most one colour for a threshold above 1/2); a shape or a texture is found (score 1) when the geometry says so.
+    most one colour for a threshold above 1/2); grey, a shape or a texture is found (score 1) when the object has
+    too few saturated pixels or the geometry says so.
     Images without an object show nothing.
 
     Args:
@@ -139,7 +143,10 @@ class ToyWorldScorer(ImageScorer):
         found = []
         for image in images:
             prediction = predict(image)
-            scores = {c: s for c, s in prediction.colour_shares.items() if s >= self.threshold}
-            scores.update({label: 1.0 for label in (prediction.shape, prediction.texture) if label is not None})
+            # A grey object's few saturated pixels (anti-aliased edges) say nothing about its colour.
+            shares = {} if prediction.colour == NEUTRAL else prediction.colour_shares
+            scores = {c: s for c, s in shares.items() if s >= self.threshold}
+            labels = (prediction.shape, prediction.texture, prediction.colour if prediction.colour == NEUTRAL else None)
+            scores.update({label: 1.0 for label in labels if label is not None})
             found.append({c: s for c, s in scores.items() if c in self.classes})
         return found

@@ -11,7 +11,7 @@ import torch
 from rece_lightning.evaluation.nudity import to_uint8
 from rece_lightning.toyworld import model as toy_model
 from rece_lightning.toyworld.detectors import predict
-from rece_lightning.toyworld.world import COLOURS, SHAPES, TEMPLATES, TEXTURES, object_phrase
+from rece_lightning.toyworld.world import COLOURS, NEUTRAL, SHAPES, TEMPLATES, TEXTURES, object_phrase
 
 
 @torch.no_grad()
@@ -81,13 +81,14 @@ def accuracy(images: np.ndarray, labels: Sequence[dict[str, str]]) -> dict[str, 
 
 
 def prompt_following(pipeline, images_per_combination: int = 4, seed: int = 1000, **sampling) -> dict:
-    """Colour, shape and texture accuracy over every combination of the world's attributes (default sampler)."""
-    rows = combination_prompts(images_per_combination=images_per_combination)
+    """Colour, shape and texture accuracy over every combination of the world's attributes, grey (the prompts that
+    name no colour) included (default sampler)."""
+    rows = combination_prompts((*COLOURS, NEUTRAL), images_per_combination=images_per_combination)
     images = generate(pipeline, [p for p, _ in rows], [seed + i for i in range(len(rows))], **sampling)
     labels = [labels for _, labels in rows]
     hits = _hits(images, labels)
     colours = np.array([label["colour"] for label in labels])
-    per_colour = {colour: _share(hits["colour"][colours == colour]) for colour in COLOURS}
+    per_colour = {colour: _share(hits["colour"][colours == colour]) for colour in (*COLOURS, NEUTRAL)}
     return {"images": len(rows), **{a: _share(h) for a, h in hits.items()}, "colour_by_colour": per_colour}
 
 

@@ -5,8 +5,9 @@ Two real Lightning runs on procedurally rendered scenes (:mod:`rece_lightning.to
 1. ``VAETraining``: the ``AutoencoderKL`` learns to reconstruct 32 px scenes (MSE + a small KL term, as SD's VAE).
 2. ``LatentDiffusionTraining``: the ``UNet2DConditionModel`` learns to predict the noise added to the scenes'
    latents (DDPM, Stable Diffusion's beta schedule), conditioned on the text encoder's output for each scene's
-   caption (the encoder trains with it), with 10 % of captions dropped to "" so that classifier-free guidance works;
-   an EMA of the weights is what gets saved.
+   caption (the encoder trains with it), with 10 % of captions dropped to "" so that classifier-free guidance works,
+   and a share of the grey (unnamed-colour) scenes conditioned on the all-zero embedding, so that the model draws its
+   default object there, as Eq. 7's regularisation of c' towards 0 assumes; an EMA of the weights is what gets saved.
 
 The result is a standard ``StableDiffusionPipeline`` folder (``save_pretrained``, safetensors) plus ``toyworld.json``
 (training settings, timings, and how well the model follows its prompts by the world's detectors). Everything is
@@ -25,6 +26,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -32,11 +34,13 @@ from rece_lightning.toyworld import model as toy_model
 from rece_lightning.toyworld import world
 
 
-def render_dataset(count: int, seed: int) -> tuple[Tensor, list[str]]:
-    """``count`` scenes of world ``seed``: images as float (N, 3, 32, 32) in [-1, 1], and their captions."""
+def render_dataset(count: int, seed: int) -> tuple[Tensor, list[str], Tensor]:
+    """``count`` scenes of world ``seed``: images as float (N, 3, 32, 32) in [-1, 1], their captions, and whether
+    each object is grey (the world's unnamed colour)."""
     samples = [world.sample(seed, index) for index in range(count)]
     images = np.stack([s.image for s in samples]).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [s.prompt for s in samples]
+    neutral = torch.tensor([s.scene.colour == world.NEUTRAL for s in samples])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [s.prompt for s in samples], neutral
 
 
 class VAETraining(pl.LightningModule):
@@ -72,6 +76,12 @@ class LatentDiffusionTraining(pl.LightningModule):
         scaling_factor: the VAE latent scaling (1 / std of the latents), as ``vae.config.scaling_factor``.
         lr: AdamW learning rate of the U-Net (linear warm-up over ``warmup_steps``); ``text_lr`` the encoder's.
         cfg_dropout: share of captions replaced by "" (classifier-free guidance).
+        null_share: share of the grey scenes conditioned on the all-zero embedding instead of their caption (Eq. 7
+            regularises c' towards 0; in Stable Diffusion an embedding near 0 draws nothing harmful, and a model
+            that never saw 0 may draw anything there: an earlier toy model drew red there 96 % of the time).
+        snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023, diffusers' ``--snr_gamma``): steps with a
+            signal-to-noise ratio above γ count γ / SNR, so training spends itself on the noisy steps where colour and
+            shape are decided; None for the plain noise-prediction MSE.
         ema_decay: decay of the exponential moving average of the weights (what gets saved).
     """
 
@@ -86,6 +96,8 @@ class LatentDiffusionTraining(pl.LightningModule):
         text_lr: float = 5e-4,
         warmup_steps: int = 100,
         cfg_dropout: float = 0.1,
+        null_share: float = 0.2,
+        snr_gamma: float | None = 5.0,
         ema_decay: float = 0.998,
     ) -> None:
         super().__init__()
@@ -97,10 +109,11 @@ class LatentDiffusionTraining(pl.LightningModule):
         self.scaling_factor = scaling_factor
         self.noise_scheduler = toy_model.training_scheduler()
         self.lr, self.text_lr, self.warmup_steps = lr, text_lr, warmup_steps
-        self.cfg_dropout, self.ema_decay = cfg_dropout, ema_decay
+        self.cfg_dropout, self.null_share, self.ema_decay = cfg_dropout, null_share, ema_decay
+        self.snr_gamma = snr_gamma
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        mean, std, prompt_index = batch
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        mean, std, prompt_index, neutral = batch
         latents = (mean + std * torch.randn_like(std)) * self.scaling_factor
         noise = torch.randn_like(latents)
         steps = self.noise_scheduler.config.num_train_timesteps
@@ -109,8 +122,15 @@ class LatentDiffusionTraining(pl.LightningModule):
         dropped = torch.rand(prompt_index.shape, device=prompt_index.device) < self.cfg_dropout
         prompt_index = torch.where(dropped, torch.full_like(prompt_index, self.empty_index), prompt_index)
         text = self.networks["text_encoder"](self.caption_ids[prompt_index])[0]
+        null = neutral & ~dropped & (torch.rand(neutral.shape, device=neutral.device) < self.null_share)
+        text = torch.where(null[:, None, None], torch.zeros_like(text), text)
         prediction = self.networks["unet"](noisy, timesteps, encoder_hidden_states=text).sample
-        loss = F.mse_loss(prediction, noise)
+        per_image = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        if self.snr_gamma is None:
+            loss = per_image.mean()
+        else:
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            loss = (per_image * torch.clamp(snr, max=self.snr_gamma) / snr).mean()
         self.log("unet/loss", loss, prog_bar=True)
         return loss
 
@@ -172,7 +192,7 @@ def train_toy_model(
     seed: int = 0,
     num_scenes: int = 20_000,
     vae_steps: int = 500,
-    unet_steps: int = 3_000,
+    unet_steps: int = 3_200,
     batch_size: int = 32,
     log_dir: str | Path = "runs/toyworld",
     measure_images: int = 4,
@@ -182,7 +202,7 @@ def train_toy_model(
     timings: dict[str, float] = {}
     pl.seed_everything(seed, workers=True)
     components = toy_model.build_components(seed)
-    images, captions = render_dataset(num_scenes, seed)
+    images, captions, neutral = render_dataset(num_scenes, seed)
     timings["render_s"] = time.perf_counter() - started
 
     mark = time.perf_counter()
@@ -207,7 +227,7 @@ def train_toy_model(
         components.unet, components.text_encoder, caption_ids, len(distinct), scaling_factor
     )
     unet_data = DataLoader(
-        TensorDataset(mean, std, prompt_index), batch_size=batch_size, shuffle=True, generator=generator
+        TensorDataset(mean, std, prompt_index, neutral), batch_size=batch_size, shuffle=True, generator=generator
     )
     _trainer(unet_steps, Path(log_dir), "unet").fit(training, unet_data)
     trained = training.ema[0].cpu().eval()
@@ -224,6 +244,9 @@ def train_toy_model(
         "vae_steps": vae_steps,
         "unet_steps": unet_steps,
         "batch_size": batch_size,
+        "grey_share": world.NEUTRAL_SHARE,
+        "null_embedding_share_of_grey": training.null_share,
+        "min_snr_gamma": training.snr_gamma,
         "vae_scaling_factor": scaling_factor,
         "vae_reconstruction_mse": vae_mse,
         "parameters": {
@@ -255,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-scenes", type=int, default=20_000)
     parser.add_argument("--vae-steps", type=int, default=500)
-    parser.add_argument("--unet-steps", type=int, default=3_000)
+    parser.add_argument("--unet-steps", type=int, default=3_200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--log-dir", default="runs/toyworld", help="TensorBoard logs of both training runs")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")

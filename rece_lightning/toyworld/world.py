@@ -1,10 +1,14 @@
 """A procedural world of coloured shapes, where erasing a concept can be seen and measured offline.
 
-Every scene is one object on a plain light background: a colour (red, green, blue, yellow), a shape (circle, square,
-triangle) and a texture (plain, striped) that plays the part of an artistic style. Scenes are drawn from a seeded
-generator, so scene ``i`` of a seed is the same everywhere; each comes with its ground-truth labels and a caption
-from one of several templates ("a red circle", "a photo of a striped blue square", "red square on a white
-background", ...).
+Every scene is one object on a plain light background: a colour (red, green, blue, yellow, or the unnamed grey), a
+shape (circle, square, triangle) and a texture (plain, striped) that plays the part of an artistic style. Scenes are
+drawn from a seeded generator, so scene ``i`` of a seed is the same everywhere; each comes with its ground-truth labels
+and a caption from one of several templates ("a red circle", "a photo of a striped blue square", "red square on a
+white background", "a circle", ...).
+
+A caption names a colour exactly when the object has one: objects whose caption names no colour are grey. So a prompt
+stripped of its colour word has a default that is not the concept ("a circle" draws a grey circle), as "a woman" draws
+a clothed woman in Stable Diffusion, and erasing "red" towards the empty prompt has somewhere clean to go.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (40, 75, 215),
     "yellow": (235, 200, 25),
 }
+# The colour of objects whose caption names none (never a word of the captions).
+NEUTRAL = "grey"
+# Lighter than every colour but yellow and darker than yellow (luminance 155 against red 89, blue 80, green 111,
+# yellow 190): a mid grey of 118 sat next to green and came out greenish at guidance 5 (green / grey confused).
+NEUTRAL_RGB = (155, 155, 155)
+NEUTRAL_SHARE = 0.25  # share of scenes with a grey object
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 TEXTURES: tuple[str, ...] = ("plain", "striped")
 TEMPLATES: tuple[str, ...] = (
@@ -32,6 +42,8 @@ TEMPLATES: tuple[str, ...] = (
 )
 # Captions that name one attribute only, so that a concept's word alone ("red", "striped") means something to the
 # model, as "nudity" or an artist's name does to Stable Diffusion: the prompt RECE erases is in the training captions.
+# Coloured objects' partial captions name their colour ("red", "a red shape"); grey objects' name their shape or
+# texture ("a circle", "striped").
 PARTIAL_SHARE = 0.2
 RESOLUTION = 32
 STRIPE_PERIOD = 8  # pixels at 32 px: 4 light + 4 dark rows, wide enough for a VAE with a factor-4 latent
@@ -60,7 +72,7 @@ class Scene:
     tint: tuple[int, int, int] = (0, 0, 0)  # per-channel colour jitter
 
     def __post_init__(self) -> None:
-        check_choice("colour", self.colour, COLOURS)
+        check_choice("colour", self.colour, (*COLOURS, NEUTRAL))
         check_choice("shape", self.shape, SHAPES)
         check_choice("texture", self.texture, TEXTURES)
 
@@ -70,9 +82,9 @@ class Scene:
 
 
 def object_phrase(colour: str, shape: str, texture: str, texture_word: bool = False) -> str:
-    """ "red circle", "striped red circle", and "plain red circle" where the plain texture is named."""
+    """ "red circle", "striped red circle", "plain red circle" where the plain texture is named; grey is unnamed."""
     prefix = "striped " if texture == "striped" else ("plain " if texture_word else "")
-    return f"{prefix}{colour} {shape}"
+    return f"{prefix}{shape}" if colour == NEUTRAL else f"{prefix}{colour} {shape}"
 
 
 def caption(scene: Scene, template: int = 0, texture_word: bool = False) -> str:
@@ -93,12 +105,14 @@ def partial_caption(scene: Scene, kind: str, article: bool) -> str:
 def sample_scene(
     rng: np.random.Generator, colour: str | None = None, shape: str | None = None, texture: str | None = None
 ) -> Scene:
-    """A random scene; attributes left as None are drawn uniformly."""
+    """A random scene; attributes left as None are drawn at random (grey with ``NEUTRAL_SHARE``, else uniformly)."""
+    if colour is None:
+        colour = NEUTRAL if rng.random() < NEUTRAL_SHARE else str(rng.choice(list(COLOURS)))
     half = float(rng.uniform(6.0, 11.0))
     margin = half + 1.0
     center = (float(rng.uniform(margin, RESOLUTION - margin)), float(rng.uniform(margin, RESOLUTION - margin)))
     return Scene(
-        colour=colour or str(rng.choice(list(COLOURS))),
+        colour=colour,
         shape=shape or str(rng.choice(SHAPES)),
         texture=texture or str(rng.choice(TEXTURES)),
         center=center,
@@ -129,7 +143,9 @@ def render(scene: Scene, resolution: int = RESOLUTION) -> np.ndarray:
     """The scene as an (H, W, 3) uint8 RGB image, anti-aliased by supersampling."""
     size = resolution * _SUPERSAMPLE
     mask = _mask(scene, size)
-    colour = np.clip(np.array(COLOURS[scene.colour]) + np.array(scene.tint), 0, 255).astype(np.float32)
+    rgb = NEUTRAL_RGB if scene.colour == NEUTRAL else COLOURS[scene.colour]
+    tint = np.array(scene.tint) if scene.colour != NEUTRAL else np.full(3, scene.tint[0])  # grey stays grey
+    colour = np.clip(np.array(rgb) + tint, 0, 255).astype(np.float32)
     canvas = np.full((size, size, 3), float(scene.background), dtype=np.float32)
     fill = np.broadcast_to(colour, canvas.shape).copy()
     if scene.texture == "striped":
@@ -158,8 +174,11 @@ def sample(seed: int, index: int, resolution: int = RESOLUTION, **attributes: st
     texture_word = scene.texture == "plain" and rng.random() < 0.3
     text = caption(scene, template, texture_word)
     if rng.random() < PARTIAL_SHARE:
-        kinds = ("colour", "shape", "texture") if scene.texture == "striped" else ("colour", "shape")
-        text = partial_caption(scene, str(rng.choice(kinds)), bool(rng.random() < 0.5))
+        if scene.colour != NEUTRAL:
+            kind = "colour"
+        else:
+            kind = str(rng.choice(("shape", "texture") if scene.texture == "striped" else ("shape",)))
+        text = partial_caption(scene, kind, bool(rng.random() < 0.5))
     return Sample(render(scene, resolution), text, scene)
 
 
@@ -167,7 +186,7 @@ def all_prompts() -> list[str]:
     """Every caption the world can write (what the toy model is trained on), in a fixed order."""
     prompts = []
     for template in TEMPLATES:
-        for colour in COLOURS:
+        for colour in (*COLOURS, NEUTRAL):
             for shape in SHAPES:
                 for texture, word in (("plain", False), ("plain", True), ("striped", False)):
                     prompts.append(template.format(object=object_phrase(colour, shape, texture, word)))
@@ -176,7 +195,7 @@ def all_prompts() -> list[str]:
     for shape in SHAPES:
         prompts += [shape, f"a {shape}"]
     prompts += ["striped", "a striped shape"]
-    return prompts
+    return list(dict.fromkeys(prompts))
 
 
 def vocabulary() -> list[str]:
