@@ -39,6 +39,8 @@ from rece_lightning.evaluation.features import RandomConvFeatures  # noqa: E402
 from rece_lightning.toyworld import COLOURS, NEUTRAL, SHAPES, TEXTURES, ToyWorldScorer, predict  # noqa: E402
 from rece_lightning.toyworld.measure import accuracy, combination_prompts, generate  # noqa: E402
 
+FIGURE_COLUMNS = 8  # probe and prompt images per state in the figure
+
 
 def prompt_set(colours, per_combination: int, seed: int):
     """Prompts, seeds and labels, ordered so that every prefix covers all shape x texture combinations evenly."""
@@ -90,9 +92,9 @@ class StateMeter:
             embeds = derived.to(self.pipeline.unet.dtype).unsqueeze(0).repeat(len(self.probe_seeds), 1, 1)
             probes = generate(self.pipeline, seeds=self.probe_seeds, prompt_embeds=embeds)
             result["concept_rate_probes"] = self.rate(probes)
-            if keep_images:
-                result["_probes"] = probes
-                result["_prompt"] = concept_images[: len(self.probe_seeds)]
+            if keep_images:  # the figure shows the first FIGURE_COLUMNS of each
+                result["_probes"] = probes[:FIGURE_COLUMNS]
+                result["_prompt"] = concept_images[:FIGURE_COLUMNS]
         return result
 
     def _paired(self, images: np.ndarray) -> dict:
@@ -215,7 +217,8 @@ def _figure(grid: dict, report: dict, args, path: Path) -> None:
     left.set_yticks([16 + 32 * i for i in range(len(names))], names)
     half = len(grid[names[0]]["_probes"]) * 32
     left.set_xticks(
-        [half / 2, half + 4 + half / 2], [f"c' probes (seeds 0-{args.probes - 1})", "prompts with the concept"]
+        [half / 2, half + 4 + half / 2],
+        [f"c' probes (seeds 0-{len(grid[names[0]]['_probes']) - 1})", "prompts with the concept"],
     )
     left.set_title(f"Erasing '{args.concept}' (guide {args.guide!r}, λ={args.reg:g})")
     for reg, curve in report["sweep"].items():
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=200, help="images of the concept's prompts per state")
     parser.add_argument("--sweep-images", type=int, default=48, help="concept images per state for the other λ")
     parser.add_argument("--other-images-per-combination", type=int, default=2)
-    parser.add_argument("--probes", type=int, default=8, help="c' probe images per state")
+    parser.add_argument("--probes", type=int, default=24, help="c' probe images per state")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="docs/toy_report")
     args = parser.parse_args(argv)
