@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from rece_lightning import RECEModule, diffusion  # noqa: E402
 from rece_lightning.evaluation import metrics as image_metrics  # noqa: E402
 from rece_lightning.evaluation.features import RandomConvFeatures  # noqa: E402
-from rece_lightning.toyworld import COLOURS, NEUTRAL, SHAPES, TEXTURES, ToyWorldScorer, predict  # noqa: E402
+from rece_lightning.toyworld import COLOURS, OBJECT_COLOURS, SHAPES, TEXTURES, ToyWorldScorer, predict  # noqa: E402
 from rece_lightning.toyworld.measure import accuracy, combination_prompts, generate  # noqa: E402
 
 FIGURE_COLUMNS = 8  # probe and prompt images per state in the figure
@@ -84,7 +84,7 @@ class StateMeter:
             "other_colour_accuracy": accuracy(other_images, other_labels)["colour"],
             "erased_shape_accuracy": accuracy(concept_images, labels)["shape"],
             "erased_prompts_colours": {
-                c: colours.count(c) / len(colours) for c in [*COLOURS, NEUTRAL, None] if c in colours
+                c: colours.count(c) / len(colours) for c in [*OBJECT_COLOURS, None] if c in colours
             },
             **self._paired(other_images),
         }
@@ -215,11 +215,9 @@ def _figure(grid: dict, report: dict, args, path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 6.5), gridspec_kw={"width_ratios": [1.1, 1]})
     left.imshow(np.concatenate(rows, axis=0), interpolation="nearest")
     left.set_yticks([16 + 32 * i for i in range(len(names))], names)
-    half = len(grid[names[0]]["_probes"]) * 32
-    left.set_xticks(
-        [half / 2, half + 4 + half / 2],
-        [f"c' probes (seeds 0-{len(grid[names[0]]['_probes']) - 1})", "prompts with the concept"],
-    )
+    columns = len(grid[names[0]]["_probes"])
+    half = columns * 32
+    left.set_xticks([half / 2, half + 4 + half / 2], [f"c' probes (seeds 0-{columns - 1})", "prompts with the concept"])
     left.set_title(f"Erasing '{args.concept}' (guide {args.guide!r}, λ={args.reg:g})")
     for reg, curve in report["sweep"].items():
         epochs = list(range(len(curve)))

@@ -22,9 +22,9 @@ import numpy as np
 
 from rece_lightning.evaluation.nudity import to_uint8
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes
-from rece_lightning.toyworld.world import COLOURS, NEUTRAL, SHAPES, TEXTURES
+from rece_lightning.toyworld.world import COLOURS, NEUTRAL, OBJECT_COLOURS, SHAPES, TEXTURES
 
-CLASSES: tuple[str, ...] = (*COLOURS, NEUTRAL, *SHAPES, *TEXTURES)
+CLASSES: tuple[str, ...] = (*OBJECT_COLOURS, *SHAPES, *TEXTURES)
 # Hue bands in degrees (OpenCV's hue is degrees / 2); red wraps around 0.
 _HUE_BANDS: dict[str, tuple[tuple[float, float], ...]] = {
     "red": ((0.0, 22.0), (300.0, 360.0)),
@@ -46,7 +46,7 @@ class Prediction:
     colour: str | None
     shape: str | None
     texture: str | None
-    colour_shares: dict[str, float]
+    colour_shares: dict[str, float]  # all 0 for a grey object: its few saturated pixels say nothing of a colour
     foreground: float  # share of the image's pixels that are foreground
 
 
@@ -114,7 +114,10 @@ def predict(image: np.ndarray) -> Prediction:
     if share < MIN_FOREGROUND:
         return Prediction(None, None, None, dict.fromkeys(COLOURS, 0.0), share)
     shares, saturated = _colour_shares(pixels, foreground)
-    colour = max(shares, key=shares.get) if saturated >= NEUTRAL_BELOW else NEUTRAL
+    if saturated >= NEUTRAL_BELOW:
+        colour = max(shares, key=shares.get)
+    else:  # anti-aliased edges and sampler artefacts leave a grey object a few saturated pixels
+        colour, shares = NEUTRAL, dict.fromkeys(COLOURS, 0.0)
     blob = _largest_blob(foreground)
     texture, _ = _texture(pixels, blob)
     return Prediction(colour, _shape(blob), texture, shares, share)
@@ -143,10 +146,9 @@ class ToyWorldScorer(ImageScorer):
         found = []
         for image in images:
             prediction = predict(image)
-            # A grey object's few saturated pixels (anti-aliased edges) say nothing about its colour.
-            shares = {} if prediction.colour == NEUTRAL else prediction.colour_shares
-            scores = {c: s for c, s in shares.items() if s >= self.threshold}
-            labels = (prediction.shape, prediction.texture, prediction.colour if prediction.colour == NEUTRAL else None)
-            scores.update({label: 1.0 for label in labels if label is not None})
+            scores = {c: s for c, s in prediction.colour_shares.items() if s >= self.threshold}
+            scores.update({label: 1.0 for label in (prediction.shape, prediction.texture) if label is not None})
+            if prediction.colour == NEUTRAL:
+                scores[NEUTRAL] = 1.0
             found.append({c: s for c, s in scores.items() if c in self.classes})
         return found

@@ -11,7 +11,7 @@ import torch
 from rece_lightning.evaluation.nudity import to_uint8
 from rece_lightning.toyworld import model as toy_model
 from rece_lightning.toyworld.detectors import predict
-from rece_lightning.toyworld.world import COLOURS, NEUTRAL, SHAPES, TEMPLATES, TEXTURES, object_phrase
+from rece_lightning.toyworld.world import COLOURS, OBJECT_COLOURS, SHAPES, TEMPLATES, TEXTURES, object_phrase
 
 
 @torch.no_grad()
@@ -83,12 +83,12 @@ def accuracy(images: np.ndarray, labels: Sequence[dict[str, str]]) -> dict[str, 
 def prompt_following(pipeline, images_per_combination: int = 4, seed: int = 1000, **sampling) -> dict:
     """Colour, shape and texture accuracy over every combination of the world's attributes, grey (the prompts that
     name no colour) included (default sampler)."""
-    rows = combination_prompts((*COLOURS, NEUTRAL), images_per_combination=images_per_combination)
+    rows = combination_prompts(OBJECT_COLOURS, images_per_combination=images_per_combination)
     images = generate(pipeline, [p for p, _ in rows], [seed + i for i in range(len(rows))], **sampling)
     labels = [labels for _, labels in rows]
     hits = _hits(images, labels)
     colours = np.array([label["colour"] for label in labels])
-    per_colour = {colour: _share(hits["colour"][colours == colour]) for colour in (*COLOURS, NEUTRAL)}
+    per_colour = {colour: _share(hits["colour"][colours == colour]) for colour in OBJECT_COLOURS}
     return {"images": len(rows), **{a: _share(h) for a, h in hits.items()}, "colour_by_colour": per_colour}
 
 

@@ -29,6 +29,7 @@ NEUTRAL = "grey"
 # yellow 190): a mid grey of 118 sat next to green and came out greenish at guidance 5 (green / grey confused).
 NEUTRAL_RGB = (155, 155, 155)
 NEUTRAL_SHARE = 0.25  # share of scenes with a grey object
+OBJECT_COLOURS: tuple[str, ...] = (*COLOURS, NEUTRAL)  # every colour an object can have
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 TEXTURES: tuple[str, ...] = ("plain", "striped")
 TEMPLATES: tuple[str, ...] = (
@@ -72,7 +73,7 @@ class Scene:
     tint: tuple[int, int, int] = (0, 0, 0)  # per-channel colour jitter
 
     def __post_init__(self) -> None:
-        check_choice("colour", self.colour, (*COLOURS, NEUTRAL))
+        check_choice("colour", self.colour, OBJECT_COLOURS)
         check_choice("shape", self.shape, SHAPES)
         check_choice("texture", self.texture, TEXTURES)
 
@@ -186,7 +187,7 @@ def all_prompts() -> list[str]:
     """Every caption the world can write (what the toy model is trained on), in a fixed order."""
     prompts = []
     for template in TEMPLATES:
-        for colour in (*COLOURS, NEUTRAL):
+        for colour in OBJECT_COLOURS:
             for shape in SHAPES:
                 for texture, word in (("plain", False), ("plain", True), ("striped", False)):
                     prompts.append(template.format(object=object_phrase(colour, shape, texture, word)))
