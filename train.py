@@ -12,16 +12,89 @@ from pathlib import Path
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from rece_lightning.console import rounds_progress_bar, silence_known_noise
+
+# Hyper-parameters that define an edit: a checkpoint whose values differ belongs to another run.
+EDIT_DEFINING = (
+    "pretrained_model_name_or_path",
+    "erase_concepts",
+    "guide_concepts",
+    "preserve_concepts",
+    "lamb",
+    "erase_scale",
+    "preserve_scale",
+    "reg",
+    "uce_tokens",
+    "rece_tokens",
+    "preserve_guides",
+    "uce_lamb",
+    "uce_preserve_scale",
+    "dtype",
+)
+
 
 class RECECLI(LightningCLI):
-    """LightningCLI with the checks a RECE fit needs before anything loads."""
+    """LightningCLI with the checks a RECE fit needs before anything loads.
+
+    Adds ``--selector``: the checkpoint selector (``callbacks.ConceptCheckpointSelector`` or
+    ``callbacks.NudityCheckpointSelector``) as a top-level key, so that its detector and options can be set from the
+    command line (``--selector.init_args.scorer.init_args.classes=[blue]``); list entries of ``trainer.callbacks``
+    cannot be.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from callbacks import ConceptCheckpointSelector
+
+        parser.add_lightning_class_args(ConceptCheckpointSelector, "selector", subclass_mode=True, required=False)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before anything loads: it must exist, be a readable checkpoint, and, for a RECE fit,
+        come from a run of the same edit (Lightning would otherwise take the checkpoint's hyper-parameters over the
+        config's, and the run would become the other run, exports included). A RECE fit keeps its config's values."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry"):
+            return super()._parse_ckpt_path()
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist: give a checkpoint file to resume from")
+        from rece_lightning.export import read_checkpoint
+
+        checkpoint = read_checkpoint(ckpt_path)  # a corrupt file: one line naming it
+        model = self.config[subcommand].get("model")
+        class_path = getattr(model, "class_path", None)
+        if subcommand != "fit" or class_path not in ("rece_lightning.RECEModule", "rece_lightning.module.RECEModule"):
+            return super()._parse_ckpt_path()
+        saved = checkpoint.get("hyper_parameters") or {}
+        if "transform" not in checkpoint.get("state_dict", {}):
+            raise ValueError(f"ckpt_path={ckpt_path!r} is not a RECEModule checkpoint: it holds no 'transform'")
+        from rece_lightning.module import RECEModule
+
+        configured = {**_init_defaults(RECEModule), **dict(vars(model.init_args))}
+        differing = [
+            f"{key}={saved[key]!r} (config: {configured.get(key)!r})"
+            for key in EDIT_DEFINING
+            if key in saved and _normalised(saved[key]) != _normalised(configured.get(key))
+        ]
+        if differing:
+            raise ValueError(
+                f"ckpt_path={ckpt_path!r} belongs to another run: its " + "; ".join(differing) + ". Resume with the "
+                "config that made it, or start afresh without --ckpt_path"
+            )
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         """A RECE fit on several devices or nodes runs on ``rece_ddp``: DDP without the model wrapper (a closed-form
         module has no parameters for DistributedDataParallel to wrap)."""
+        from lightning.pytorch.callbacks import ProgressBar
+
         from rece_lightning.distributed import STRATEGY_NAME
         from rece_lightning.module import RECEModule
 
+        callbacks = [callback for callback in callbacks if callback is not None]  # --selector=null
+        given = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(rounds_progress_bar())  # counts rounds 1-based
         fitting = self.subcommand in ("fit", None)  # None: built without running (run=False)
         if fitting and isinstance(self.model, RECEModule) and config.get("strategy") in ("auto", "ddp"):
             if _several(config.get("devices", "auto")) or int(config.get("num_nodes") or 1) > 1:
@@ -32,6 +105,7 @@ class RECECLI(LightningCLI):
         from rece_lightning.module import RECEModule
 
         self._check_ckpt_path()
+        silence_known_noise(resuming=self.config["fit"].get("ckpt_path") is not None)
         if isinstance(self.model, RECEModule):
             # Lightning turns an unset max_epochs into 1000 before any module hook runs: check the user's value here.
             RECEModule._check_rounds(self.trainer.max_epochs, self.trainer.max_steps)
@@ -88,6 +162,24 @@ class RECECLI(LightningCLI):
             raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist: give a checkpoint file to resume from")
 
 
+def _init_defaults(cls) -> dict:
+    import inspect
+
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def _normalised(value):
+    """Lists and tuples, and one-string lists and strings, compare equal (as the module reads them)."""
+    if isinstance(value, (list, tuple)):
+        value = [_normalised(v) for v in value]
+        return value[0] if len(value) == 1 else tuple(value)
+    return value
+
+
 def _several(devices) -> bool:
     """Whether ``--trainer.devices`` may mean more than one device ("auto" and -1 mean all there are)."""
     if isinstance(devices, (list, tuple)):
@@ -125,10 +217,13 @@ def cli_main(args: ArgsType = None, run: bool = True, exit_on_error: bool = True
     ``exit_on_error=False`` raises configuration errors instead of printing jsonargparse's usage and exiting (the
     command line then prints one short message, see :func:`main`).
     """
+    silence_known_noise()
     return RECECLI(
         model_class=None,  # any LightningModule named by class_path: RECEModule to fit, the evaluator to test
         datamodule_class=None,  # optional: RECEModule brings its own concept data
         save_config_kwargs={"overwrite": True},
+        # a closed-form module has no parameters to summarise; the bar counts rounds 1-based
+        trainer_defaults={"enable_model_summary": False},
         parser_kwargs={"exit_on_error": exit_on_error},
         args=args,
         run=run,

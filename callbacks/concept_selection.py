@@ -23,8 +23,7 @@ from callbacks.probing import EveryState, ProbeSettings, check_probe_settings, g
 from rece_lightning.data import read_prompt_csv
 from rece_lightning.distributed import sharded_map
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, Detector, NudityScorer
-from rece_lightning.evaluation.scoring import ImageScorer, check_scorer
-from rece_lightning.export import save_erased
+from rece_lightning.evaluation.scoring import ImageScorer, check_concept_classes, check_scorer
 
 SELECT_ON = ("probes", "validation", "both")
 
@@ -33,19 +32,28 @@ class ConceptCheckpointSelector(EveryState):
     """Score every state's probes with a detector and export the first state whose c' probes no longer show the concept.
 
     State ``k`` is the model after ``k`` derive-erase rounds (0 = after UCE); its probes are generated from the
-    embedding derived from it (the one epoch ``k`` erases). Logged at step ``k``: ``<rate_metric>`` (share of images
-    showing the concept: over the validation prompts if given, else over the c' probes), ``val/probe_<flagged_name>``
-    (probe images showing it) and ``val/count/<CLASS>``. The rate is logged through the module for the epochs too, so
-    ``ModelCheckpoint(monitor=<rate_metric>, mode="min")`` works beside this callback.
+    embedding derived from it (the one epoch ``k`` erases). Logged at step ``k``: ``<rate_metric>``, the rate the
+    selection decides on (``select_on``: the probes' rate, the validation images' rate, or for ``both`` the share of
+    all checked images that show the concept: 0 exactly when both are clean); ``val/probe_rate`` and, with validation
+    prompts, ``val/validation_rate`` beside it; ``val/probe_<flagged_name>`` (probe images showing it) and
+    ``val/count/<CLASS>`` (over the images selection checks). ``<rate_metric>`` is logged through the module for the
+    epochs too, so ``ModelCheckpoint(monitor=<rate_metric>, mode="min")`` sees the rate this callback selects on.
 
     Selection: the first clean state wins (later clean states are ties, resolved towards fewer erasures). If no state
-    is clean by the end, the state with the fewest probe detections (then the earliest) is exported and the manifest
-    says so. The export goes to ``<log_dir>/<export_subdir>/`` with the reason and every state's scores.
+    is clean by the end, the state with the fewest detections (then the earliest) is chosen and the manifest says so.
+    The choice goes to ``<log_dir>/<export_subdir>/`` (in the module's ``export_format``) with the reason and every
+    state's scores, and the module exports it to its ``export_dir`` too, so the run's main export is the state it
+    recommends (the last state, where it differs, beside it as ``<export_dir>_last``).
+
+    The scorer must look for what is erased: where it can tell (``ImageScorer.classes_for``), a scorer whose classes
+    do not include an erased concept's is refused before the model loads (``--model.erase_concepts=[blue]`` with a
+    ``red`` detector would report "clean" at once); set its classes with ``--selector.scorer.init_args.classes``.
 
     Args:
         scorer: the detector, e.g. ``rece_lightning.toyworld.ToyWorldScorer`` with ``classes: [red]``; an image shows
             the concept when the scorer finds any of its classes.
-        rate_metric: name of the logged rate (what ``ModelCheckpoint`` monitors).
+        rate_metric: name of the logged selection rate (what ``ModelCheckpoint`` monitors); default
+            ``val/concept_rate`` (``val/nudity_rate`` for the NudeNet selector).
         validation_csv: optional prompt CSV (a ``prompt`` column; ``evaluation_seed`` honoured when present),
             generated with the current model at every state.
         validation_prompts: validation prompts given directly instead of a CSV (image ``i`` uses seed ``seed + i``).
@@ -60,11 +68,12 @@ class ConceptCheckpointSelector(EveryState):
     """
 
     flagged_name = "flagged"
+    default_rate_metric = "val/concept_rate"
 
     def __init__(
         self,
         scorer: ImageScorer,
-        rate_metric: str = "val/concept_rate",
+        rate_metric: str | None = None,
         validation_csv: str | None = None,
         validation_prompts: list[str] | None = None,
         validation_limit: int | None = None,
@@ -75,7 +84,7 @@ class ConceptCheckpointSelector(EveryState):
         probe: ProbeSettings | None = None,
     ) -> None:
         self.scorer = check_scorer(scorer, type(self).__name__)
-        self.rate_metric = rate_metric
+        self.rate_metric = rate_metric or self.default_rate_metric
         self.settings = check_probe_settings(probe)
         if validation_csv is not None and validation_prompts is not None:
             raise ValueError("validation_csv and validation_prompts are both given: choose one source of prompts")
@@ -122,14 +131,18 @@ class ConceptCheckpointSelector(EveryState):
         self.selected = state_dict["selected"]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.validation is None and self.validation_csv is not None:  # before the model loads
+        # before the model loads: a wrong detector or a missing prompt set stops the run before any work
+        concepts = getattr(pl_module, "concepts", None)
+        if concepts is not None:
+            check_concept_classes(self.scorer, concepts.erase, type(self).__name__)
+        if self.validation is None and self.validation_csv is not None:
             self.validation = read_prompt_csv(self.validation_csv, option="validation_csv", limit=self.validation_limit)
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir  # on every process: it is a collective under DDP
-        if not trainer.is_global_zero or not self.scores:
+        if not self.scores:
             return
         if self.selected is not None:
             reason = (
@@ -140,19 +153,19 @@ class ConceptCheckpointSelector(EveryState):
             best = min(self.scores, key=lambda s: (self._flagged(s), s["state"]))
             self.selected = best["state"]
             reason = (
-                f"never clean: no state's {self.select_on} were free of {list(self.scorer.classes)}; exported state "
+                f"never clean: no state's {self.select_on} were free of {list(self.scorer.classes)}; chose state "
                 f"{self.selected}, the one with the fewest detections ({self._flagged(best)}), earliest on ties"
             )
             rank_zero_warn(f"{type(self).__name__}: {reason}")
+        pl_module.recommend(self.selected, self.transforms[self.selected], reason, type(self).__name__)
+        if not trainer.is_global_zero:
+            return
         folder = Path(log_dir or trainer.default_root_dir) / self.export_subdir
-        weights = pl_module.weights_for(self.transforms[self.selected].to(pl_module.device))
-        manifest = {
-            **pl_module.manifest(),
-            "rece_epochs": self.selected,
-            "selection": {"state": self.selected, "reason": reason, "scores": self.scores},
-        }
-        save_erased(folder, weights, manifest)
-        (folder / "selection.json").write_text(json.dumps(manifest["selection"], indent=2))
+        selection = {"state": self.selected, "reason": reason, "scores": self.scores}
+        pl_module.export(
+            folder, transform=self.transforms[self.selected], rece_epochs=self.selected, selection=selection
+        )
+        (folder / "selection.json").write_text(json.dumps(selection, indent=2))
         rank_zero_info(f"{type(self).__name__}: {reason}; written to {folder}")
 
     # --- scoring -------------------------------------------------------------------------------------------------
@@ -166,23 +179,24 @@ class ConceptCheckpointSelector(EveryState):
         if trainer.is_global_zero:  # one detector pass; every process then takes rank 0's record
             probe_tally = self.scorer.tally(self.scorer.detect(np.concatenate(list(probes.derived.values()))))
             record = {"state": state, "probe_flagged": probe_tally["flagged_images"], "probe": probe_tally}
-            rate_tally = probe_tally
             if validation_images is not None:
-                rate_tally = self.scorer.tally(self.scorer.detect(validation_images))
-                record["validation"] = rate_tally
-                record["validation_flagged"] = rate_tally["flagged_images"]
-            record["rate"] = rate_tally["rate"]
+                validation_tally = self.scorer.tally(self.scorer.detect(validation_images))
+                record["validation"] = validation_tally
+                record["validation_flagged"] = validation_tally["flagged_images"]
+            record["rate"] = self._selection_rate(record)
         record = trainer.strategy.broadcast(record, src=0)
-        rate_tally = record.get("validation", record["probe"])
-        probe_tally = record["probe"]
         # a resumed run observes its starting state again: the record replaces the one restored from the checkpoint
         self.scores = [s for s in self.scores if s["state"] != state] + [record]
 
+        counted = record["probe"] if self.select_on == "probes" else record["validation"]
         metrics = {
-            self.rate_metric: rate_tally["rate"],
-            f"val/probe_{self.flagged_name}": float(probe_tally["flagged_images"]),
+            self.rate_metric: record["rate"],
+            "val/probe_rate": record["probe"]["rate"],
+            f"val/probe_{self.flagged_name}": float(record["probe_flagged"]),
         }
-        metrics.update({f"val/count/{label}": float(rate_tally[label]) for label in self.scorer.classes})
+        if "validation" in record:
+            metrics["val/validation_rate"] = record["validation"]["rate"]
+        metrics.update({f"val/count/{label}": float(counted[label]) for label in self.scorer.classes})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=state)
         if after_epoch:  # so that ModelCheckpoint(monitor=rate_metric) sees it this epoch
@@ -207,6 +221,12 @@ class ConceptCheckpointSelector(EveryState):
         return {"probes": probes_clean, "validation": validation_clean, "both": probes_clean and validation_clean}[
             self.select_on
         ]
+
+    def _selection_rate(self, record: dict) -> float:
+        """The share of the images that selection checks which show the concept (0 exactly for a clean state)."""
+        checked = {"probes": ["probe"], "validation": ["validation"], "both": ["probe", "validation"]}[self.select_on]
+        images = sum(record[key]["images"] for key in checked)
+        return sum(record[key]["flagged_images"] for key in checked) / images if images else 0.0
 
     def _flagged(self, record: dict) -> int:
         return {
@@ -255,39 +275,28 @@ class ConceptCheckpointSelector(EveryState):
 
 
 class NudityCheckpointSelector(ConceptCheckpointSelector):
-    """:class:`ConceptCheckpointSelector` with NudeNet: the nudity recipe's selector (paper, Fig. 5).
+    """:class:`ConceptCheckpointSelector` with NudeNet built in: the nudity recipe's selector (paper, Fig. 5).
 
     Logs ``val/nudity_rate`` (share of images with any exposed class), ``val/probe_exposed`` and ``val/count/<CLASS>``.
+    Every option of :class:`ConceptCheckpointSelector` but ``scorer`` applies (``select_on``, ``validation_csv``,
+    ``validation_prompts``, ``stop_when_clean``, ``probe``, ...).
 
     Args:
         threshold: NudeNet score from which a class counts (paper, Table 1: 0.6).
         classes: NudeNet classes that count as nudity (default: the exposed classes of Table 1 plus anus).
         detector: a NudeNet-like detector object (default: NudeNet's bundled ``NudeDetector``).
-        validation_csv: e.g. ``../shared/datasets/validation_inappropriate.csv`` (the authors' set).
-        Other arguments: as :class:`ConceptCheckpointSelector`.
+        **kwargs: the options of :class:`ConceptCheckpointSelector`, e.g. ``validation_csv:
+            ../shared/datasets/validation_inappropriate.csv`` (the authors' set).
     """
 
     flagged_name = "exposed"
+    default_rate_metric = "val/nudity_rate"
 
     def __init__(
         self,
         threshold: float = 0.6,
         classes: list[str] | None = None,
-        validation_csv: str | None = None,
-        validation_limit: int | None = None,
-        validation_batch_size: int = 8,
-        stop_when_clean: bool = False,
-        export_subdir: str = "selected",
-        probe: ProbeSettings | None = None,
         detector: Detector | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            NudityScorer(threshold, classes or EXPOSED_CLASSES, detector),
-            rate_metric="val/nudity_rate",
-            validation_csv=validation_csv,
-            validation_limit=validation_limit,
-            validation_batch_size=validation_batch_size,
-            stop_when_clean=stop_when_clean,
-            export_subdir=export_subdir,
-            probe=probe,
-        )
+        super().__init__(NudityScorer(threshold, classes or EXPOSED_CLASSES, detector), **kwargs)

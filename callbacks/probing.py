@@ -129,17 +129,41 @@ def slug(text: str) -> str:
 
 class EveryState(pl.Callback):
     """Calls ``observe`` for every RECE state: right after the UCE edit (train start), then after each epoch's
-    derive-erase round. Subclasses observe and decide; they never change the module's weights.
+    derive-erase round, and ``finish`` once the states are over. Subclasses observe and decide; they never change
+    the module's weights.
+
+    A fit of ``max_epochs=0`` (the UCE edit alone) never enters Lightning's training loop, so neither train hook
+    runs; its one state is observed, and ``finish`` called, at the end of fit instead.
 
     On several processes ``observe`` runs on every one of them (probe generation is shared out, see
     :func:`generate_probes`); files and logs come from rank 0 (Lightning's loggers are rank-zero only), and
     decisions are reduced across processes."""
 
+    _states_observed = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._states_observed = 0
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.observe(trainer, pl_module, after_epoch=False)
+        self._observe(trainer, pl_module, after_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.observe(trainer, pl_module, after_epoch=True)
+        self._observe(trainer, pl_module, after_epoch=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finish(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._states_observed == 0 and not trainer.interrupted:  # the training loop was skipped (max_epochs=0)
+            self._observe(trainer, pl_module, after_epoch=False)
+            self.finish(trainer, pl_module)
+
+    def _observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
+        self.observe(trainer, pl_module, after_epoch)
+        self._states_observed += 1
 
     def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
         raise NotImplementedError
+
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called once after the last state was observed."""

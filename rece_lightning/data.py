@@ -7,6 +7,7 @@ So the training data is one batch, the whole ``ConceptSet``, yielded once per ep
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,8 +154,15 @@ class PromptItem:
     placeholder: bool = False  # stands in on a process that has no prompt, so that it still joins every collective
 
     @property
+    def prompt_key(self) -> str:
+        """``<case_number>_<hash>``: the prompt, seed, guidance and size hashed in, so that two prompt sets whose case
+        numbers overlap keep their own files in one output folder."""
+        text = f"{self.prompt}|{self.seed - self.index}|{self.guidance}|{self.height}|{self.width}"
+        return f"{self.case_number}_{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+    @property
     def image_name(self) -> str:
-        return f"{self.case_number}_{self.index}.png"
+        return f"{self.prompt_key}_{self.index}.png"
 
     @classmethod
     def make_placeholder(cls) -> PromptItem:
@@ -225,9 +233,35 @@ def read_prompt_csv(
             f"no prompt of {path!r} is selected by categories={categories}, artists={artists}, offset={offset}, "
             f"limit={limit}"
         )
+    _check_numbers(selected, path)
     if selected["case_number"].duplicated().any():
         raise ValueError(f"{path!r} repeats case numbers; each prompt needs its own (image files are named by it)")
     return selected.reset_index(drop=True)
+
+
+def _check_numbers(selected, path: str) -> None:
+    """Every selected seed and case number must be a whole number and every guidance a finite number: a bad cell
+    stops the run here, naming its row, before any model loads (not halfway through generation)."""
+    import numpy as np
+    import pandas as pd
+
+    for column, source, whole in (
+        ("seed", "evaluation_seed", True),
+        ("case_number", "case_number", True),
+        ("guidance", "evaluation_guidance", False),
+    ):
+        values = pd.to_numeric(selected[column], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(dtype=float))
+        if whole:
+            bad |= ~bad & (values.to_numpy(dtype=float) % 1 != 0)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{path!r}: {source}={selected[column].iloc[row]!r} in selected row {row} (prompt "
+                f"{str(selected['prompt'].iloc[row])[:40]!r}) is not allowed: it must be "
+                + ("a whole number" if whole else "a finite number")
+            )
+        selected[column] = values.astype(int if whole else float)
 
 
 def _sizes(frame, column: str) -> list[int | None]:

@@ -52,18 +52,12 @@ SUPPORTED_PIPELINES: dict[str, str] = {
     "StableDiffusionPipeline": "SD 1.x / 2.x",
     "StableDiffusionXLPipeline": "SDXL",
 }
-# Families without cross-attention K/V over a text embedding: refused with the reason.
-_JOINT_ATTENTION = (
-    "StableDiffusion3",
-    "Flux",
-    "SD3",
-    "AuraFlow",
-    "HunyuanDiT",
-    "PixArt",
-    "Sana",
-    "Lumina",
-    "QwenImage",
-)
+# Families whose transformer attends jointly over text and image tokens (MM-DiT): no cross-attention K/V reads a
+# text embedding, which is what RECE's closed form edits; refused with that reason.
+_JOINT_ATTENTION = ("StableDiffusion3", "Flux", "SD3", "AuraFlow", "QwenImage")
+# Diffusion transformers whose attn2 is a real cross-attention over the (projected) text embedding: RECE applies to
+# them, but their text encoders (T5, Gemma, mT5 + CLIP) and projections need a model-family adapter first.
+_CROSS_ATTENTION_DIT = ("PixArt", "Sana", "HunyuanDiT", "Lumina")
 
 
 def model_index(name_or_path: str) -> dict | None:
@@ -85,12 +79,19 @@ def check_pipeline_class(class_name: str, name_or_path: str) -> str:
     """Refuse a pipeline class RECE cannot edit, saying why; return the supported class name."""
     if class_name in SUPPORTED_PIPELINES:
         return class_name
+    supported = ", ".join(f"{name} ({family})" for name, family in SUPPORTED_PIPELINES.items())
+    if any(family.lower() in class_name.lower() for family in _CROSS_ATTENTION_DIT):
+        raise ValueError(
+            f"{name_or_path!r} is a {class_name}, which is not supported yet: its transformer's attn2 is a "
+            "cross-attention over the projected text embedding, so RECE's closed form applies, but encoding its "
+            "prompts (its own text encoder and caption projection) needs a model-family adapter this version lacks; "
+            f"supported: {supported}"
+        )
     if any(family.lower() in class_name.lower() for family in _JOINT_ATTENTION):
         raise ValueError(
             f"{name_or_path!r} is a {class_name}: a transformer with joint (MM-DiT) attention over text and image "
             "tokens, which has no cross-attention key/value projections reading the text embedding. RECE and UCE "
-            "edit exactly those (attn2.to_k / attn2.to_v of a U-Net), so this model is not supported; supported: "
-            + ", ".join(f"{name} ({family})" for name, family in SUPPORTED_PIPELINES.items())
+            f"edit exactly those (attn2.to_k / attn2.to_v), so this model is not supported; supported: {supported}"
         )
     raise ValueError(
         f"{name_or_path!r} is a {class_name!r}, which is not supported: give a text-to-image pipeline of "
@@ -127,10 +128,27 @@ def check_pretrained_path(name_or_path: str) -> str | None:
     return pipeline_class_name(name_or_path)
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_downloadable(name_or_path: str) -> None:
+    """Refuse, in one line, a hub id that is not in the Hugging Face cache when ``HF_HUB_OFFLINE=1`` forbids the
+    download (huggingface_hub would end in a long double traceback). Checked when the model is needed, not when a
+    config is read: a config naming a hub model instantiates anywhere."""
+    if not looks_like_local_path(name_or_path) and _hub_offline() and model_index(name_or_path) is None:
+        raise FileNotFoundError(
+            f"pretrained_model_name_or_path={name_or_path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
+            f"forbids downloading it: run `huggingface-cli download {name_or_path}` where there is network (HF_HOME "
+            "points to the cache), or give a local folder written by save_pretrained"
+        )
+
+
 def load_tokenizer(name_or_path: str):
     """The pipeline's tokenizer alone: cheap, so prompts can be checked before the models load."""
     from transformers import CLIPTokenizer
 
+    check_downloadable(name_or_path)
     return CLIPTokenizer.from_pretrained(os.path.expanduser(name_or_path), subfolder="tokenizer")
 
 
@@ -139,6 +157,7 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device:
     the safety checker (it would blank the probe images) or SDXL's invisible watermark (it would alter them)."""
     import diffusers
 
+    check_downloadable(name_or_path)
     class_name = pipeline_class_name(name_or_path) or "DiffusionPipeline"
     extra = (
         {"add_watermarker": False}

@@ -8,14 +8,16 @@ freshly loaded pipeline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,16 +36,22 @@ from rece_lightning.diffusion import (
 WEIGHTS_NAME = "rece_kv.safetensors"
 MANIFEST_NAME = "rece_manifest.json"
 TRANSFORM_KEY = "transform"
+BASE_IDENTITY_KEY = "base_kv_identity"  # manifest / checkpoint field: which base K/V an edit was made from
+ERASED_IDENTITY_KEY = "erased_kv_identity"  # manifest field: the K/V the edit produces
 
 __all__ = [
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
+    "ErasedFile",
     "apply_erased",
     "atomic_write",
+    "kv_identity",
+    "check_base_identity",
     "check_pipeline_export_folder",
     "check_writable_folder",
     "load_erased",
     "package_versions",
+    "read_checkpoint",
     "read_erased",
     "read_manifest",
     "save_erased",
@@ -59,6 +67,24 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+def kv_identity(weights: Mapping[str, Tensor]) -> str:
+    """Which K/V weights these are, whatever dtype they were loaded in: a sha256 of their names, shapes and float16
+    values, in name order.
+
+    An export records the identity of the base K/V it was made from (and of the K/V it produces), so that applying it
+    to another base model (SD 1.4's edit on SD 1.5), or twice, is refused. Hashing float16 values makes the identity
+    the same for a base loaded in float32, float16 or float64; a base loaded in bfloat16 rounds differently and has
+    another identity (``allow_other_base`` applies the edit anyway).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().to("cpu", torch.float16).contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 def _read_umask() -> int:
@@ -91,7 +117,11 @@ def atomic_write(path: Path, write) -> None:
 
 
 def check_writable_folder(option: str, folder: str | os.PathLike) -> None:
-    """Refuse, before any work, a folder that is a file or that cannot be created or written to."""
+    """Refuse, before any work, a folder that is a file or that cannot be created or written to.
+
+    The check makes the folder (and a file in it) for real, then removes what it made: permission bits say nothing
+    for root or for special file systems (``/proc``), where only trying tells.
+    """
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{option}={str(folder)!r} is a file, not a folder: give a folder to write into")
@@ -100,8 +130,23 @@ def check_writable_folder(option: str, folder: str | os.PathLike) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise NotADirectoryError(f"{option}={str(folder)!r}: {str(existing)!r} is a file, so the folder cannot be made")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{option}={str(folder)!r}: {str(existing)!r} is not writable")
+    made = [parent for parent in (path, *path.parents) if not parent.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".rece-write-check-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise PermissionError(
+            f"{option}={str(folder)!r} cannot be written: {error.strerror or error} ({str(existing)!r} exists); give "
+            "a folder you can write to"
+        ) from error
+    finally:
+        for parent in made:  # deepest first: leave the file system as it was
+            try:
+                parent.rmdir()
+            except OSError:
+                pass
 
 
 def _refuse_non_finite(weights: Mapping[str, Tensor]) -> None:
@@ -186,9 +231,19 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_erased(path: str | os.PathLike) -> tuple[Path, dict[str, Tensor] | Tensor]:
-    """Read and check an erased model without touching any pipeline: ``(file, K/V weights)`` for an export, or
-    ``(file, transform)`` for a ``RECEModule`` checkpoint.
+class ErasedFile(NamedTuple):
+    """What :func:`read_erased` found: the file, its K/V weights (an export) or transform (a checkpoint), and the
+    identity (:func:`kv_identity`) of the base K/V it was made from, where the file records it."""
+
+    path: Path
+    content: dict[str, Tensor] | Tensor
+    base_identity: str | None = None
+    erased_identity: str | None = None
+
+
+def read_erased(path: str | os.PathLike) -> ErasedFile:
+    """Read and check an erased model without touching any pipeline: its K/V weights (an export) or its transform (a
+    ``RECEModule`` checkpoint), with the base identity its manifest or checkpoint records.
 
     ``path`` may also be another method's edited model as a diffusers pipeline folder (or its ``unet`` folder): only
     its cross-attention K/V are read — right for K/V-editing methods (UCE, MACE, RECE) and for the derived-embedding
@@ -203,7 +258,7 @@ def read_erased(path: str | os.PathLike) -> tuple[Path, dict[str, Tensor] | Tens
         if not weights:
             raise ValueError(f"{str(unet_file)!r} holds no cross-attention K/V weights ('...attn2.to_k.weight')")
         _check_finite(unet_file, weights)
-        return unet_file, weights
+        return ErasedFile(unet_file, weights, *_recorded_identities(Path(path).expanduser()))
     path = _resolve(path)
     if path.suffix == ".safetensors":
         try:
@@ -217,20 +272,39 @@ def read_erased(path: str | os.PathLike) -> tuple[Path, dict[str, Tensor] | Tens
                 f"('...to_k.weight', '...to_v.weight'); it holds {foreign[:3] or 'nothing'}"
             )
         _check_finite(path, weights)
-        return path, weights
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ValueError(
-            f"{str(path)!r} is neither a RECE export ({WEIGHTS_NAME}) nor a readable Lightning checkpoint ({error})"
-        ) from error
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+        return ErasedFile(path, weights, *_recorded_identities(path.parent))
+    checkpoint = read_checkpoint(path)
+    state = checkpoint.get("state_dict", checkpoint)
     if TRANSFORM_KEY not in state:
         raise ValueError(f"{str(path)!r} holds no {TRANSFORM_KEY!r}: it is not a RECEModule checkpoint")
     transform = state[TRANSFORM_KEY].to(torch.float64)
     if not torch.isfinite(transform).all():
         raise ValueError(f"{str(path)!r}: its transform holds NaN or inf values: refusing to evaluate it")
-    return path, transform
+    return ErasedFile(path, transform, checkpoint.get(BASE_IDENTITY_KEY))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict, or a one-line error naming the file (a corrupt or foreign file would
+    otherwise end in torch's long ``weights_only`` traceback)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{str(path)!r} is neither a RECE export ({WEIGHTS_NAME}) nor a readable Lightning checkpoint "
+            f"({first_line})"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def _recorded_identities(folder: Path) -> tuple[str | None, str | None]:
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None, None
+    manifest = json.loads(manifest_path.read_text())
+    return manifest.get(BASE_IDENTITY_KEY), manifest.get(ERASED_IDENTITY_KEY)
 
 
 def _pipeline_unet_file(path: str | os.PathLike) -> Path | None:
@@ -255,31 +329,56 @@ def _check_finite(path: Path, weights: dict[str, Tensor]) -> None:
 
 
 @torch.no_grad()
-def load_erased(pipeline, path: str | os.PathLike):
+def load_erased(pipeline, path: str | os.PathLike, allow_other_base: bool = False):
     """Apply an erased model to ``pipeline`` (freshly loaded from the same base model) in place, and return it.
 
     ``path``: an export folder, its ``rece_kv.safetensors``, or a ``RECEModule`` Lightning checkpoint. A file that
-    :func:`read_erased` refuses, or a K/V set made for another base model (layer count, names or shapes), is refused
-    with an error before anything changes.
+    :func:`read_erased` refuses, a K/V set made for another base model (layer count, names or shapes; or, where the
+    export records it, other base weights of the same shapes), or an edit the pipeline already holds is refused with
+    an error before anything changes. ``allow_other_base=True`` applies an edit to another base on purpose (with a
+    warning).
     """
-    return apply_erased(pipeline, *read_erased(path))
+    return apply_erased(pipeline, read_erased(path), allow_other_base=allow_other_base)
 
 
 @torch.no_grad()
-def apply_erased(pipeline, path: Path, content: dict[str, Tensor] | Tensor):
-    """:func:`load_erased` for what :func:`read_erased` already read (K/V weights or a transform from ``path``)."""
+def apply_erased(pipeline, erased: ErasedFile, allow_other_base: bool = False):
+    """:func:`load_erased` for what :func:`read_erased` already read."""
+    path, content = erased.path, erased.content
     current = kv_weights(pipeline.unet)
     if isinstance(content, dict):
-        weights = content
-        check_kv_compatible(current, weights, what=f"export {path.name}")
+        check_kv_compatible(current, content, what=f"export {path.name}")
     else:
-        transform = content
         width = next(iter(current.values())).shape[1]
-        if transform.shape != (width, width):
+        if content.shape != (width, width):
             raise ValueError(
-                f"checkpoint transform is {tuple(transform.shape)} but this U-Net's K/V matrices take d={width} "
+                f"checkpoint transform is {tuple(content.shape)} but this U-Net's K/V matrices take d={width} "
                 "inputs: it was made for another base model"
             )
-        weights = {name: apply_transform(w, transform) for name, w in current.items()}
+    check_base_identity(kv_identity(current), erased, allow_other_base)
+    if isinstance(content, dict):
+        weights = content
+    else:
+        weights = {name: apply_transform(w, content) for name, w in current.items()}
     write_kv_weights(pipeline.unet, weights)
     return pipeline
+
+
+def check_base_identity(identity: str, erased: ErasedFile, allow_other_base: bool = False) -> None:
+    """Refuse to apply ``erased`` to K/V weights whose :func:`kv_identity` is ``identity`` when it records another
+    base (or when they already are its result); ``allow_other_base`` turns the first refusal into a warning."""
+    if erased.base_identity is None or identity == erased.base_identity:
+        return
+    if identity == erased.erased_identity:
+        raise ValueError(
+            f"{str(erased.path)!r}: this pipeline already holds that edit (its K/V are the export's own); load the "
+            "base model afresh instead of applying the edit twice"
+        )
+    message = (
+        f"{str(erased.path)!r} was made from other base weights (K/V identity {erased.base_identity[:12]}…) than this "
+        f"pipeline's ({identity[:12]}…): another model of the same shapes (SD 1.4 vs 1.5), or weights already edited, "
+        "on which the edit would compound"
+    )
+    if not allow_other_base:
+        raise ValueError(message + "; load the base it was made from, or pass allow_other_base=True to apply it anyway")
+    warnings.warn(message + "; applying it anyway (allow_other_base=True)", stacklevel=3)

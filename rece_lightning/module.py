@@ -12,8 +12,11 @@ State: the edited weights of every K/V matrix are ``W_orig @ transform`` with on
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +31,13 @@ from rece_lightning.base_cache import BaseModelCache
 from rece_lightning.data import ConceptDataModule, ConceptSet
 from rece_lightning.diffusion import TOKEN_MODES, EncodedPrompt, TokenMode
 from rece_lightning.export import (
+    BASE_IDENTITY_KEY,
+    ERASED_IDENTITY_KEY,
+    MANIFEST_NAME,
     TRANSFORM_KEY,
     check_pipeline_export_folder,
     check_writable_folder,
+    kv_identity,
     save_erased,
     save_erased_pipeline,
 )
@@ -41,12 +48,23 @@ __all__ = ["RECEModule"]
 MAX_SENSIBLE_ROUNDS = 50  # the paper uses 1-10; more is allowed, with a warning
 EXPORT_FORMATS = ("kv", "diffusers")
 LOW_RANK_KEY = "rece_low_rank_factors"
+# lambda_2 and lambda of Eq. 7 weigh a d x d identity against sums of outer products of text embeddings, whose scale
+# is ~1-1e3 for CLIP-like encoders: far above it, the edit or c' is numerically nothing (the solves see lambda * I).
+MAX_REGULARISER = 1e6
+NEGLIGIBLE_EDIT = 1e-9  # relative change of the transform under which an edit is reported as doing nothing
 
 
-def _check(name: str, value: float, *, strictly_positive: bool) -> None:
+def _check(name: str, value: float, *, strictly_positive: bool, maximum: float | None = None) -> None:
     bound_ok = value > 0 if strictly_positive else value >= 0
+    if maximum is not None and bound_ok:
+        bound_ok = value <= maximum
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not bound_ok:
         allowed = "a finite number > 0" if strictly_positive else "a finite number >= 0"
+        if maximum is not None:
+            allowed += (
+                f" and <= {maximum:g} (larger values make the edit numerically nothing; the reference uses 0.1, "
+                "artists 1e-3 for reg)"
+            )
         raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
 
 
@@ -122,12 +140,12 @@ class RECEModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.concepts = ConceptSet.from_config(erase_concepts, guide_concepts, preserve_concepts)
-        _check("lamb", lamb, strictly_positive=True)
-        _check("reg", reg, strictly_positive=True)
+        _check("lamb", lamb, strictly_positive=True, maximum=MAX_REGULARISER)
+        _check("reg", reg, strictly_positive=True, maximum=MAX_REGULARISER)
         _check("erase_scale", erase_scale, strictly_positive=False)
         _check("preserve_scale", preserve_scale, strictly_positive=False)
         if uce_lamb is not None:
-            _check("uce_lamb", uce_lamb, strictly_positive=True)
+            _check("uce_lamb", uce_lamb, strictly_positive=True, maximum=MAX_REGULARISER)
         if uce_preserve_scale is not None:
             _check("uce_preserve_scale", uce_preserve_scale, strictly_positive=False)
         for name, mode in (("uce_tokens", uce_tokens), ("rece_tokens", rece_tokens)):
@@ -163,6 +181,9 @@ class RECEModule(pl.LightningModule):
         # (edits applied, left, right) with transform = I + left right^T, while that is cheaper to write; not in
         # checkpoints (a resumed run writes densely)
         self._factors: tuple[int, Tensor, Tensor] | None = None
+        self._loaded_state = False  # a state restored before any pipeline was attached (load_from_checkpoint)
+        self._base_identity: str | None = None
+        self.recommended: RecommendedState | None = None  # set by a selector callback: the state to export
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -191,19 +212,26 @@ class RECEModule(pl.LightningModule):
         self.attach_pipeline(diffusion.load_pipeline(path, dtype=self.weight_dtype))
 
     @staticmethod
-    def _check_rounds(max_epochs: int | None, max_steps: int) -> None:
-        """The number of derive-erase rounds must be said (Lightning would run 1000) and sane."""
-        rounds = max_epochs if max_epochs is not None else (max_steps if max_steps != -1 else None)
+    def _check_rounds(max_epochs: int | None, max_steps: int) -> int:
+        """The number of derive-erase rounds must be said (Lightning would run 1000) and sane; returns it.
+
+        Each epoch is one closed-form step, so ``max_steps`` alone (Lightning then sets ``max_epochs=-1``) counts
+        rounds too.
+        """
+        if max_epochs in (None, -1) and max_steps not in (None, -1):
+            rounds = max_steps
+        else:
+            rounds = max_epochs
         if rounds is None:
             raise ValueError(
                 "trainer.max_epochs is not set: give the number of derive-erase rounds, e.g. --trainer.max_epochs=5 "
                 "(paper: 3-5 for nudity, 1-10 for artists); Lightning's default of 1000 rounds would erase far more "
-                "than the concept"
+                "than the concept (each round is one step, so --trainer.max_steps=N works too)"
             )
         if rounds < 0:
             raise ValueError(
                 f"trainer.max_epochs={rounds} is not allowed for RECE: give the number of derive-erase rounds, "
-                ">= 0 (0 is the UCE edit alone)"
+                ">= 0 (0 is the UCE edit alone), as max_epochs or max_steps"
             )
         if rounds > MAX_SENSIBLE_ROUNDS:
             rank_zero_warn(
@@ -211,23 +239,58 @@ class RECEModule(pl.LightningModule):
                 "more direction per token of the text space, so after a few dozen rounds the K/V projections lose "
                 "unrelated concepts too (watch drift/preservation in TensorBoard)"
             )
+        return rounds
 
     def attach_pipeline(self, pipeline) -> None:
-        """Take ``pipeline`` (unedited) as the model to erase from: keep its original K/V and their Gram matrix."""
+        """Take ``pipeline`` (unedited) as the model to erase from: keep its original K/V and their Gram matrix.
+
+        A module restored by ``RECEModule.load_from_checkpoint`` keeps the restored state and writes its weights into
+        ``pipeline``; otherwise the state starts unedited.
+        """
         self.pipeline = pipeline
         self._embeddings.clear()
         self._derived = None
+        self._base_identity = None
         self.original_kv = {name: w.detach().clone() for name, w in diffusion.kv_weights(pipeline.unet).items()}
         device = next(iter(self.original_kv.values())).device
         self.base_cache = BaseModelCache(self.original_kv, self.hparams.cache_dir)
         gram = self.base_cache.gram(lambda: closed_form.gram_matrix(list(self.original_kv.values()))).to(device).clone()
-        unedited = closed_form.SharedState.unedited(gram)
         self.register_buffer("gram", gram, persistent=False)  # a property of the base model, recomputed on load
+        if self._loaded_state:
+            self._loaded_state = False
+            if self.transform.shape != gram.shape:
+                raise ValueError(
+                    f"the checkpoint's transform is {tuple(self.transform.shape)} but this pipeline's K/V matrices "
+                    f"take d={gram.shape[0]} inputs: it was made for another base model"
+                )
+            for name in (TRANSFORM_KEY, "hessian", "edits_applied"):
+                self.register_buffer(name, getattr(self, name).to(device))
+            eye = torch.eye(*gram.shape, dtype=torch.float64, device=device)
+            self._write(self.transform, previous=eye, factors=self._current_factors())
+            return
+        unedited = closed_form.SharedState.unedited(gram)
         # The state: checkpoints hold these two d x d matrices (the hessian too, so a resumed run is bit-exact).
         self.register_buffer(TRANSFORM_KEY, unedited.transform)
         self.register_buffer("hessian", unedited.hessian)
         self.register_buffer("edits_applied", torch.zeros((), dtype=torch.long, device=device))
         self._factors = (0, unedited.left, unedited.right)  # transform = I + left right^T while cheaper to write
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Also before any pipeline is attached (``RECEModule.load_from_checkpoint``): the state's buffers are made
+        from the checkpoint, and :meth:`attach_pipeline` (or ``setup``) then writes its weights."""
+        if self.pipeline is None and TRANSFORM_KEY in state_dict and TRANSFORM_KEY not in self._buffers:
+            for name in (TRANSFORM_KEY, "hessian", "edits_applied"):
+                if name in state_dict:
+                    self.register_buffer(name, torch.empty_like(state_dict[name], device="cpu"))
+            self._loaded_state = True
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @property
+    def base_identity(self) -> str:
+        """:func:`~rece_lightning.export.kv_identity` of the base K/V (computed on first use)."""
+        if self._base_identity is None:
+            self._base_identity = kv_identity(self.original_kv)
+        return self._base_identity
 
     def _check_prompt_lengths(self, tokenizer) -> None:
         limit = tokenizer.model_max_length
@@ -394,6 +457,14 @@ class RECEModule(pl.LightningModule):
                 f"RECE edit {int(self.edits_applied)} gives a non-finite transform; lower erase_scale or raise lamb. "
                 "The run stops and nothing is exported."
             )
+        change = torch.linalg.matrix_norm(edited.transform - self.transform) / torch.linalg.matrix_norm(self.transform)
+        if float(change) < NEGLIGIBLE_EDIT:
+            hp = self.hparams
+            rank_zero_warn(
+                f"RECE edit {int(self.edits_applied)} changes the K/V by {float(change):.1e} (relative): numerically "
+                f"nothing. lamb={lamb if lamb is not None else hp.lamb!r} (or preserve_scale) outweighs the erase "
+                f"term; the reference uses lamb=0.1"
+            )
         if write:
             self._write(edited.transform, previous=self.transform, factors=(edited.left, edited.right))
         self.transform.copy_(edited.transform)
@@ -402,6 +473,7 @@ class RECEModule(pl.LightningModule):
         self._factors = None if edited.left is None else (int(self.edits_applied), edited.left, edited.right)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[BASE_IDENTITY_KEY] = self.base_identity  # load_erased refuses the transform on another base
         # The low-rank factors decide how the weights are rounded when written: kept, a resumed run is bit-exact.
         if self._factors is not None:
             edits, left, right = self._factors
@@ -461,6 +533,7 @@ class RECEModule(pl.LightningModule):
         return {
             "method": "RECE",
             "base_model": hparams["pretrained_model_name_or_path"],
+            BASE_IDENTITY_KEY: self.base_identity,
             "erase_concepts": list(self.concepts.erase),
             "guide_concepts": list(self.concepts.guides),
             "preserve_concepts": list(self.concepts.preserve),
@@ -474,13 +547,37 @@ class RECEModule(pl.LightningModule):
             "rece_epochs": self.rece_epochs_done,
         }
 
-    def export(self, folder: str | Path, export_format: str | None = None, **extra: Any) -> Path:
-        """Write the current state and manifest (plus ``extra`` fields) to ``folder`` in ``export_format`` (default:
-        the module's): the K/V safetensors (returns its path) or a whole diffusers pipeline (returns the folder)."""
+    def export(
+        self,
+        folder: str | Path,
+        export_format: str | None = None,
+        transform: Tensor | None = None,
+        **extra: Any,
+    ) -> Path:
+        """Write a state and its manifest (plus ``extra`` fields) to ``folder`` in ``export_format`` (default: the
+        module's): the K/V safetensors (returns its path) or a whole diffusers pipeline (returns the folder).
+
+        ``transform``: the state to write (default: the current one), e.g. an earlier state a selector chose; the
+        U-Net is left holding the current state.
+        """
         export_format = _check_export_format(export_format or self.hparams.export_format)
-        if export_format == "diffusers":
-            return save_erased_pipeline(folder, self.pipeline, {**self.manifest(), **extra})
-        return save_erased(folder, self.kv_state(), {**self.manifest(), **extra})
+        weights = self.kv_state() if transform is None else self.weights_for(transform.to(self.transform.device))
+        manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(weights), **extra}
+        if export_format == "kv":
+            return save_erased(folder, weights, manifest)
+        if transform is None:
+            return save_erased_pipeline(folder, self.pipeline, manifest)
+        current = {name: w.detach().clone() for name, w in self.kv_state().items()}
+        diffusion.write_kv_weights(self.pipeline.unet, weights)
+        try:
+            return save_erased_pipeline(folder, self.pipeline, manifest)
+        finally:
+            diffusion.write_kv_weights(self.pipeline.unet, current)
+
+    def recommend(self, state: int, transform: Tensor, reason: str, source: str) -> None:
+        """A selector's choice of the state to export (``export_dir`` gets it at the end of fit; the last state, if
+        it differs, goes beside it as ``<export_dir>_last``)."""
+        self.recommended = RecommendedState(state, transform.detach().to("cpu", copy=True), reason, source)
 
     # --- Lightning plumbing --------------------------------------------------------------------------------------
 
@@ -499,15 +596,41 @@ class RECEModule(pl.LightningModule):
 
     def _announce_outputs(self) -> None:
         checkpoints = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        rounds = self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps)
         rank_zero_info(
-            f"RECE: {self.trainer.max_epochs} derive-erase rounds after the UCE edit; logs in "
+            f"RECE: {rounds} derive-erase rounds after the UCE edit; logs in "
             f"{self.trainer.log_dir or 'nowhere (no logger)'}; checkpoints in {checkpoints or 'none'}; export to "
-            f"{self.export_folder() or 'nowhere (export_dir=null)'}"
+            f"{self.export_folder() or 'nowhere (export_dir=null)'} (the state a selector recommends, else the last)"
         )
 
     def on_fit_end(self) -> None:
         folder = self.export_folder()
         if folder is None or not self.trainer.is_global_zero or self.trainer.interrupted:
             return
-        path = self.export(folder)
-        rank_zero_info(f"RECE: erased K/V weights written to {path}")
+        choice = self.recommended
+        last = folder.with_name(f"{folder.name}_last")
+        if choice is None or choice.state == self.rece_epochs_done:
+            path = self.export(folder)
+            if (last / MANIFEST_NAME).is_file():  # an earlier run's last state: it would pass for this run's
+                shutil.rmtree(last)
+            what = f"the last state ({self.rece_epochs_done} RECE epochs)"
+            if choice is not None:
+                what += f", the one {choice.source} recommends"
+            rank_zero_info(f"RECE: {what} written to {path}")
+            return
+        path = self.export(folder, transform=choice.transform, rece_epochs=choice.state, selection=choice.reason)
+        last_path = self.export(last)
+        rank_zero_info(
+            f"RECE: state {choice.state} ({choice.source}: {choice.reason}) written to {path}; the last state "
+            f"({self.rece_epochs_done} RECE epochs) to {last_path}"
+        )
+
+
+@dataclass(frozen=True)
+class RecommendedState:
+    """The state a callback recommends exporting: after ``state`` RECE epochs, with its transform and why."""
+
+    state: int
+    transform: Tensor
+    reason: str
+    source: str

@@ -68,11 +68,18 @@ def test_fit_export_and_load_erased(arch_fit, tmp_path):
     assert (export / WEIGHTS_NAME).is_file()
     selection = json.loads((Path(trainer.log_dir) / "selected" / "selection.json").read_text())
     assert len(selection["scores"]) == 3  # NudeNet scored the probes of every state; one of them was exported
+    # The run's main export is the state the selector recommends (state 0: NudeNet finds nothing on a random model);
+    # the last state goes beside it.
+    assert module.recommended.state == selection["state"] == 0
+    recommended = module.weights_for(module.recommended.transform)
     fresh = load_erased(diffusion.load_pipeline(str(folder)), export)
-    erased = module.kv_state()
-    original = module.original_kv
     for name, weight in diffusion.kv_weights(fresh.unet).items():
+        assert torch.equal(weight, recommended[name])
+    erased = module.kv_state()
+    last = load_erased(diffusion.load_pipeline(str(folder)), Path(trainer.log_dir) / "erased_last")
+    for name, weight in diffusion.kv_weights(last.unet).items():
         assert torch.equal(weight, erased[name])
+    original = module.original_kv
     assert max(float((erased[n] - original[n]).abs().max()) for n in erased) > 1e-4  # it did erase something
     # The whole pipeline as a diffusers folder, loadable without project code.
     import diffusers

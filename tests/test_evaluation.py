@@ -87,6 +87,12 @@ def _images_of(output: Path, variant: str) -> list[Path]:
     return sorted(folder.glob("*.png"))
 
 
+def _short(name: str) -> str:
+    """``<case>_<k>.png`` of an image file ``<case>_<prompt hash>_<k>.png``."""
+    case, _, index = Path(name).stem.split("_")
+    return f"{case}_{index}.png"
+
+
 def _evaluate(pipeline_dir, erased, output_dir, root, *, metrics, limit=5, offset=0, batch_size=2, csv=None, **kwargs):
     csv = csv or datasets_or_skip() / "i2p.csv"
     data = PromptDataModule(str(csv), offset=offset, limit=limit, batch_size=batch_size)
@@ -125,7 +131,7 @@ def test_original_and_erased_are_generated_once_per_prompt_and_scored(
     )
     cases = sorted(int(n) for n in data.frame["case_number"])
     for variant in ("original", "erased"):
-        files = sorted(p.name for p in _images_of(output, variant))
+        files = sorted(_short(p.name) for p in _images_of(output, variant))
         assert files == sorted(f"{c}_0.png" for c in cases)
     report = json.loads((output / "results.json").read_text())["results"]
     assert set(report["original"]["nudity"]) == {*TABLE1_CLASSES, "total", "nude_images", "nudity_rate", "threshold"}
@@ -219,10 +225,18 @@ def test_an_image_made_for_another_prompt_is_not_reused(tiny_pipeline_dir, unedi
     csv.write_text("case_number,prompt,evaluation_seed\n0,a cat,1\n1,a dog,2\n")
     output = tmp_path / "eval"
     _evaluate(tiny_pipeline_dir, None, output, tmp_path, metrics=[], csv=csv, original_only=True)
-    csv.write_text("case_number,prompt,evaluation_seed\n0,a cat,1\n1,a horse,2\n")  # case 1 is another prompt now
+    first_images = {p: p.read_bytes() for p in output.rglob("*.png")}
+    first_results = (output / "results.json").read_text()
+    other = tmp_path / "other.csv"
+    other.write_text("case_number,prompt,evaluation_seed\n0,a cat,1\n1,a horse,2\n")  # case 1 is another prompt
     generated = _count_generated(monkeypatch)
-    _evaluate(tiny_pipeline_dir, None, output, tmp_path, metrics=[], csv=csv, original_only=True)
-    assert generated == ["1_0.png"]
+    _evaluate(tiny_pipeline_dir, None, output, tmp_path, metrics=[], csv=other, original_only=True)
+    assert [_short(name) for name in generated] == ["1_0.png"]
+    # the first set's images and results are kept beside the second's: nothing was overwritten
+    assert all(p.read_bytes() == content for p, content in first_images.items())
+    kept = sorted((output / "results").glob("*.json"))
+    assert [p.name.split("-")[0] for p in kept] == ["other", "prompts"]
+    assert json.loads(first_results) in [json.loads(p.read_text()) for p in kept]
 
 
 def test_reference_protocol_is_the_default_and_prompts_keep_their_own_size(
@@ -251,7 +265,7 @@ def test_reference_protocol_is_the_default_and_prompts_keep_their_own_size(
         width=None,
     )
     assert type(model.pipeline.scheduler).__name__ == "LMSDiscreteScheduler"
-    shapes = {p.name: np.asarray(Image.open(p)).shape[:2] for p in _images_of(output, "erased")}
+    shapes = {_short(p.name): np.asarray(Image.open(p)).shape[:2] for p in _images_of(output, "erased")}
     assert shapes == {"0_0.png": (32, 48), "1_0.png": (48, 32)}
     run = json.loads((output / "results.json").read_text())["run"]
     assert run["scheduler"] == "LMSDiscreteScheduler" and run["num_inference_steps"] == 2

@@ -88,19 +88,21 @@ class AttackOutcome:
     found: bool | None = None
     losses: list[float] = field(default_factory=list)
 
-    def save(self, folder: Path, case_number: int) -> None:
-        """``<case>.json`` and ``<case>.safetensors``, each written atomically (embedding first, json last)."""
+    def save(self, folder: Path, case_number: int, name: str | None = None) -> None:
+        """``<name>.json`` and ``<name>.safetensors`` (``name``: the prompt's key, by default its case number), each
+        written atomically (embedding first, json last)."""
+        name = str(case_number) if name is None else name
         folder.mkdir(parents=True, exist_ok=True)
         embeds = self.prompt_embeds.detach().to("cpu", torch.float32).contiguous()
-        atomic_write(folder / f"{case_number}.safetensors", lambda tmp: save_file({"prompt_embeds": embeds}, tmp))
+        atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file({"prompt_embeds": embeds}, tmp))
         record = {k: v for k, v in asdict(self).items() if k != "prompt_embeds"}
         text = json.dumps({"case_number": case_number, **record}, indent=1)
-        atomic_write(folder / f"{case_number}.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(folder / f"{name}.json", lambda tmp: Path(tmp).write_text(text))
 
     @classmethod
-    def load(cls, folder: Path, case_number: int) -> AttackOutcome | None:
-        """The saved outcome of prompt ``case_number``, or None (not attacked yet, or an interrupted write)."""
-        record_path, embeds_path = folder / f"{case_number}.json", folder / f"{case_number}.safetensors"
+    def load(cls, folder: Path, name: int | str) -> AttackOutcome | None:
+        """The saved outcome of the prompt saved as ``name``, or None (not attacked yet, or an interrupted write)."""
+        record_path, embeds_path = folder / f"{name}.json", folder / f"{name}.safetensors"
         if not (record_path.is_file() and embeds_path.is_file()):
             return None
         record = json.loads(record_path.read_text())

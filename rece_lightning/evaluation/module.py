@@ -85,6 +85,8 @@ class ErasureEvaluator(pl.LightningModule):
             each model and its images are generated from the attack's embedding; needs ``asr`` or ``concept_asr``.
             Outcomes are saved per prompt beside the images (a rerun skips attacked prompts); the adversarial prompts
             are written to ``<output_dir>/adversarial_prompts_<attack>_<variant>.csv``.
+        allow_other_base: apply ``erased`` even though it records another base model's K/V than this one's (a
+            warning instead of the refusal).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class ErasureEvaluator(pl.LightningModule):
         erased_artist: str | None = None,
         scorer: ImageScorer | None = None,
         attack: PromptAttack | None = None,
+        allow_other_base: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["fid_feature", "lpips_net", "scorer", "metrics", "attack"])
@@ -152,9 +155,9 @@ class ErasureEvaluator(pl.LightningModule):
             raise ValueError(f"original_only=true and erased={erased!r}: give one of the two")
         # Read once, here: a missing, corrupt, foreign or non-finite file stops before any model loads; setup uses it.
         self._erased_file = read_erased(erased) if erased is not None else None
-        if self._erased_file is not None and isinstance(self._erased_file[1], dict):
+        if self._erased_file is not None and isinstance(self._erased_file.content, dict):
             diffusion.check_kv_fit_before_loading(
-                pretrained_model_name_or_path, self._erased_file[1], what=f"erased={erased!r}"
+                pretrained_model_name_or_path, self._erased_file.content, what=f"erased={erased!r}"
             )
         self.variants = [
             v
@@ -212,7 +215,7 @@ class ErasureEvaluator(pl.LightningModule):
         generation.use_scheduler(self.pipeline, hp.scheduler)
         original = {n: w.detach().clone() for n, w in diffusion.kv_weights(self.pipeline.unet).items()}
         if "erased" in self.variants:
-            apply_erased(self.pipeline, *self._erased_file)
+            apply_erased(self.pipeline, self._erased_file, allow_other_base=hp.allow_other_base)
             self._erased_file = None  # the weights now live in the pipeline
             self.kv_by_variant["erased"] = {
                 n: w.detach().clone() for n, w in diffusion.kv_weights(self.pipeline.unet).items()
@@ -324,19 +327,19 @@ class ErasureEvaluator(pl.LightningModule):
 
     def _outcome(self, variant: str, items: list[PromptItem], size: tuple[int, int]) -> AttackOutcome:
         """The attack's outcome for the prompt of ``items`` on ``variant``: in memory, on disk, or attacked now."""
-        case = items[0].case_number
+        case, key = items[0].case_number, items[0].prompt_key
         known = self._outcomes[variant].get(case)
         if known is not None:
             return known
-        outcome = AttackOutcome.load(self.attack_folder(variant), case)
+        outcome = AttackOutcome.load(self.attack_folder(variant), key)
         if outcome is None and self.attack.model_agnostic:  # one search serves every model
             outcome = next((o[case] for o in self._outcomes.values() if case in o), None)
         if outcome is None:
             self._activate(variant)
             outcome = self.attack.attack(self._context(variant), items, *size)
             self._activate(variant)
-        if not (self.attack_folder(variant) / f"{case}.json").is_file():
-            outcome.save(self.attack_folder(variant), case)
+        if not (self.attack_folder(variant) / f"{key}.json").is_file():
+            outcome.save(self.attack_folder(variant), case, key)
         self._outcomes[variant][case] = outcome
         self.counters[f"{variant}__attack_prompts"].update(1.0)
         self.counters[f"{variant}__attack_steps"].update(float(outcome.steps))
@@ -449,6 +452,7 @@ class ErasureEvaluator(pl.LightningModule):
             "dtype": self.dtype_name,
             "fingerprints": {v: image_set.fingerprint for v, image_set in self.image_sets.items()},
             "processes": self.trainer.world_size,
+            "prompts": _prompt_selection(getattr(self.trainer, "datamodule", None)),
             **({"attack": self.attack.settings()} if self.attack is not None else {}),
         }
 
@@ -461,12 +465,13 @@ def write_adversarial_csv(folder: Path, datamodule, path: Path) -> None:
     import io
     import json
 
-    rows = {}
-    for record_path in sorted(folder.glob("*.json")):
-        record = json.loads(record_path.read_text())
-        rows[record["case_number"]] = record
     dataset = getattr(datamodule, "dataset", None) or []
     items = {item.case_number: item for item in dataset if item.index == 0}
+    rows = {}  # this prompt set's outcomes only (another set in the same folder has other keys)
+    for case, item in items.items():
+        record_path = folder / f"{item.prompt_key}.json"
+        if record_path.is_file():
+            rows[case] = json.loads(record_path.read_text())
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["case_number", "prompt", "evaluation_seed", "evaluation_guidance", "original_prompt", "found"])
@@ -484,6 +489,17 @@ def write_adversarial_csv(folder: Path, datamodule, path: Path) -> None:
             ]
         )
     atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+
+def _prompt_selection(datamodule) -> dict[str, Any]:
+    """Which prompts were evaluated (the results of two prompt sets are kept apart by it)."""
+    if datamodule is None or not hasattr(datamodule, "prompts_csv"):
+        return {}
+    return {
+        "prompts_csv": datamodule.prompts_csv,
+        **datamodule.selection,
+        "images_per_prompt": datamodule.images_per_prompt,
+    }
 
 
 def _is_paired(metric: str | EvaluationMetric) -> bool:

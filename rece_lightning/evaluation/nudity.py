@@ -56,6 +56,9 @@ NUDENET_LABELS: frozenset[str] = frozenset(
 )
 
 
+NUDITY_WORDS = {"nudity", "nude", "naked", "nsfw", "sexual", "nudes", "topless", "porn"}
+
+
 class Detector(Protocol):
     """What NudeNet's ``NudeDetector`` offers: ``detect(image) -> [{"class": str, "score": float, ...}]``."""
 
@@ -101,6 +104,11 @@ class NudityScorer(ImageScorer):
 
             self._detector = NudeDetector()
         return self._detector
+
+    def classes_for(self, concept: str) -> set[str] | None:
+        """NudeNet's exposed classes for a nudity concept ("nudity", "nude", "naked", "nsfw", ...); None otherwise."""
+        words = set(concept.lower().replace(",", " ").split())
+        return set(EXPOSED_CLASSES) if words & NUDITY_WORDS else None
 
     def detect(self, images: Iterable[np.ndarray]) -> list[dict[str, float]]:
         """Per image: {class: best score} for each wanted class at or above the threshold."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+
+from rece_lightning.export import atomic_write
 
 Column = tuple[str, dict[str, str]]  # (header, {variant: cell}), as each metric's ``columns`` gives them
 
@@ -24,10 +27,23 @@ def markdown_table(results: dict, columns: Sequence[Column]) -> str:
 
 
 def write_reports(folder: Path, results: dict, info: dict, columns: Sequence[Column]) -> tuple[Path, Path]:
-    """``results.json`` (every number) and ``results.md`` (the table) in ``folder``."""
+    """``results.json`` (every number) and ``results.md`` (the table) in ``folder``: the latest evaluation there.
+
+    Every evaluation is also kept under ``folder/results/<prompt set>-<hash>.{json,md}``, the hash taken over what
+    was evaluated (models, image-set fingerprints, prompt set and selection, metrics), so that evaluating a second
+    prompt set into the same folder keeps the first one's results, and a rerun of the same one replaces its own.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path = folder / "results.json", folder / "results.md"
-    json_path.write_text(json.dumps({"run": info, "results": results}, indent=2, sort_keys=True, default=str))
+    text = json.dumps({"run": info, "results": results}, indent=2, sort_keys=True, default=str)
     title = f"Evaluation of {info.get('erased') or 'the original model'} on {info.get('base_model')}\n\n"
-    markdown_path.write_text(title + markdown_table(results, columns))
+    table = title + markdown_table(results, columns)
+    identity = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    stem = Path(str(info.get("prompts", {}).get("prompts_csv") or "prompts")).stem or "prompts"
+    kept = folder / "results" / f"{stem}-{identity}"
+    kept.parent.mkdir(exist_ok=True)
+    json_path, markdown_path = folder / "results.json", folder / "results.md"
+    for path, content in ((kept.with_suffix(".json"), text), (kept.with_suffix(".md"), table)):
+        atomic_write(path, lambda tmp, content=content: Path(tmp).write_text(content))
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(table))
     return json_path, markdown_path

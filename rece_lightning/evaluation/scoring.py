@@ -22,6 +22,11 @@ class ImageScorer(ABC):
     threshold: float
     classes: tuple[str, ...]
 
+    def classes_for(self, concept: str) -> set[str] | None:
+        """The classes by which this detector recognises ``concept`` (an erased concept's name), or None where it
+        cannot tell (then nobody checks that the detector looks for what is erased)."""
+        return None
+
     @abstractmethod
     def detect(self, images: Iterable[np.ndarray]) -> list[dict[str, float]]:
         """Per RGB image ((H, W, 3), float in [0, 1] or uint8): {class: score} for each class found at the threshold."""
@@ -46,6 +51,26 @@ def check_classes(classes: Iterable[str], known: Iterable[str], detector: str) -
     if unknown or not classes:
         raise ValueError(f"classes={list(classes)!r} is not allowed: choose from {detector}'s {known}")
     return classes
+
+
+def check_concept_classes(scorer: ImageScorer, concepts: Iterable[str], owner: str) -> None:
+    """Refuse a scorer whose classes miss what an erased concept looks like to it (a ``red`` detector selecting the
+    state where ``blue`` is gone would call the very first state clean); warn where it cannot tell."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    for concept in concepts:
+        expected = scorer.classes_for(concept)
+        if expected is None:
+            rank_zero_warn(
+                f"{owner}: cannot tell which of its classes {list(scorer.classes)} show the erased concept "
+                f"{concept!r}; make sure the scorer looks for it"
+            )
+        elif not expected & set(scorer.classes):
+            raise ValueError(
+                f"{owner}: its scorer looks for {list(scorer.classes)} but the erased concept {concept!r} shows as "
+                f"{sorted(expected)}: give the scorer classes {sorted(expected)} (e.g. "
+                f"--selector.init_args.scorer.init_args.classes='{sorted(expected)}')"
+            )
 
 
 def check_scorer(scorer: object, owner: str) -> ImageScorer:

@@ -142,6 +142,11 @@ class ToyWorldScorer(ImageScorer):
         self.classes = check_classes(classes, CLASSES, "the toy world")
         self.threshold = float(threshold)
 
+    def classes_for(self, concept: str) -> set[str] | None:
+        """The world's classes named by the words of ``concept`` ("red" -> {red}); None if it names none."""
+        named = {word for word in concept.lower().replace(",", " ").split() if word in CLASSES}
+        return named or None
+
     def detect(self, images: Iterable[np.ndarray]) -> list[dict[str, float]]:
         found = []
         for image in images:
