@@ -258,8 +258,17 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, Per
 def main(argv: list[str] | None = None) -> None:
     """``python train.py ...``: a configuration error prints one line naming the value, and exits with status 2
     (``RECE_TRACEBACK=1`` shows the whole traceback instead)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         cli_main(argv, exit_on_error=False)
+    except SIGTERMException:
+        print(
+            "stopped on SIGTERM: the images and attack outcomes done so far are kept; the same command goes on from "
+            "there",
+            file=sys.stderr,
+        )
+        raise SystemExit(143) from None
     except USER_ERRORS as error:
         if os.environ.get("RECE_TRACEBACK"):
             raise

@@ -239,6 +239,7 @@ class ErasedFile(NamedTuple):
     content: dict[str, Tensor] | Tensor
     base_identity: str | None = None
     erased_identity: str | None = None
+    concepts: tuple[str, ...] | None = None  # what was erased, where the file says
 
 
 def read_erased(path: str | os.PathLike) -> ErasedFile:
@@ -258,7 +259,7 @@ def read_erased(path: str | os.PathLike) -> ErasedFile:
         if not weights:
             raise ValueError(f"{str(unet_file)!r} holds no cross-attention K/V weights ('...attn2.to_k.weight')")
         _check_finite(unet_file, weights)
-        return ErasedFile(unet_file, weights, *_recorded_identities(Path(path).expanduser()))
+        return ErasedFile(unet_file, weights, *_recorded(Path(path).expanduser()))
     path = _resolve(path)
     if path.suffix == ".safetensors":
         try:
@@ -272,7 +273,7 @@ def read_erased(path: str | os.PathLike) -> ErasedFile:
                 f"('...to_k.weight', '...to_v.weight'); it holds {foreign[:3] or 'nothing'}"
             )
         _check_finite(path, weights)
-        return ErasedFile(path, weights, *_recorded_identities(path.parent))
+        return ErasedFile(path, weights, *_recorded(path.parent))
     checkpoint = read_checkpoint(path)
     state = checkpoint.get("state_dict", checkpoint)
     if TRANSFORM_KEY not in state:
@@ -280,7 +281,9 @@ def read_erased(path: str | os.PathLike) -> ErasedFile:
     transform = state[TRANSFORM_KEY].to(torch.float64)
     if not torch.isfinite(transform).all():
         raise ValueError(f"{str(path)!r}: its transform holds NaN or inf values: refusing to evaluate it")
-    return ErasedFile(path, transform, checkpoint.get(BASE_IDENTITY_KEY))
+    concepts = (checkpoint.get("hyper_parameters") or {}).get("erase_concepts")
+    concepts = (concepts,) if isinstance(concepts, str) else (tuple(concepts) if concepts else None)
+    return ErasedFile(path, transform, checkpoint.get(BASE_IDENTITY_KEY), None, concepts)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -299,12 +302,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
-def _recorded_identities(folder: Path) -> tuple[str | None, str | None]:
+def _recorded(folder: Path) -> tuple[str | None, str | None, tuple[str, ...] | None]:
+    """(base identity, erased identity, erased concepts) from the manifest in ``folder``, where there is one."""
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
-        return None, None
+        return None, None, None
     manifest = json.loads(manifest_path.read_text())
-    return manifest.get(BASE_IDENTITY_KEY), manifest.get(ERASED_IDENTITY_KEY)
+    concepts = manifest.get("erase_concepts")
+    return manifest.get(BASE_IDENTITY_KEY), manifest.get(ERASED_IDENTITY_KEY), tuple(concepts) if concepts else None
 
 
 def _pipeline_unet_file(path: str | os.PathLike) -> Path | None:

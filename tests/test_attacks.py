@@ -355,3 +355,28 @@ def test_a_white_box_attack_on_the_erased_model_alone_uses_the_base_weights(toy_
     assert "original" not in alone
     assert alone["erased"]["asr"] == both["erased"]["asr"]
     assert alone["erased"]["image_dir"].split("/")[-1] == both["erased"]["image_dir"].split("/")[-1]
+
+
+def test_sigterm_stops_an_attack_between_prompts_and_keeps_what_is_done(toy_model_dir, uce_export, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    attack = DerivedEmbeddingAttack(concept="red")
+    real = DerivedEmbeddingAttack.attack
+    calls = []
+
+    def attack_then_terminate(self, context, items, height, width):
+        calls.append(items[0].case_number)
+        outcome = real(self, context, items, height, width)
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, in the middle of the run
+        return outcome
+
+    monkeypatch.setattr(DerivedEmbeddingAttack, "attack", attack_then_terminate)
+    output = tmp_path / "eval"
+    with pytest.raises(SIGTERMException):
+        _evaluate(toy_model_dir, output, _csv(tmp_path / "p.csv"), attack, erased=uce_export)
+    assert calls == [0]  # stopped before the second prompt, not at the end of the batch
+    saved = list(output.rglob("attack_derived_embedding/*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["case_number"] == 0

@@ -222,7 +222,11 @@ def test_evaluator_concept_counts_match_a_direct_count(toy_model_dir, tmp_path):
     export = module.export(tmp_path / "erased")
     prompts = [p for p, _ in combination_prompts(colours=["red", "blue"], images_per_combination=1)]
     csv = tmp_path / "prompts.csv"
-    csv.write_text("prompt,evaluation_seed,case_number\n" + "".join(f"{p},{i},{i}\n" for i, p in enumerate(prompts)))
+    colours = ["red" if "red" in p else "blue" for p in prompts]
+    csv.write_text(
+        "prompt,evaluation_seed,case_number,categories\n"
+        + "".join(f"{p},{i},{i},{c}\n" for i, (p, c) in enumerate(zip(prompts, colours, strict=True)))
+    )
     scorer = ToyWorldScorer(["red", "blue"])
     evaluator = ErasureEvaluator(
         str(toy_model_dir),
@@ -240,15 +244,24 @@ def test_evaluator_concept_counts_match_a_direct_count(toy_model_dir, tmp_path):
     pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).test(evaluator, datamodule=data)
     report = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
     for variant in ("original", "erased"):
+        figures = report[variant]["concept"]
         folder = Path(report[variant]["image_dir"])
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))]
-        direct = scorer.tally(scorer.detect(images))
-        assert report[variant]["num_images"] == len(prompts) == len(images)
-        for key in ("red", "blue", "flagged_images", "rate"):
-            assert report[variant]["concept"][key] == direct[key], (variant, key)
+        paths = sorted(folder.glob("*.png"), key=lambda p: int(p.name.split("_")[0]))  # in case (prompt) order
+        found = scorer.detect([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+        assert report[variant]["num_images"] == len(prompts) == len(found)
+        assert figures["red"] == sum("red" in f for f in found) and figures["blue"] == sum("blue" in f for f in found)
+        # the rate is the erased concept's (the export erased "red"), not "any class the scorer knows"
+        assert figures["erased_classes"] == ["red"]
+        assert figures["rate"] == figures["red"] / len(found)
+        blue = [f for f, c in zip(found, colours, strict=True) if c == "blue"]
+        assert (
+            figures["preserved"] == figures["preserved_per_class"]["blue"] == sum("blue" in f for f in blue) / len(blue)
+        )
     assert report["original"]["concept"]["red"] >= 5  # 6 red prompts: the detector really fires
     assert report["erased"]["concept"]["red"] < report["original"]["concept"]["red"]
-    assert "Concept rate %" in (tmp_path / "eval" / "results.md").read_text()
+    assert report["original"]["concept"]["preserved"] >= 0.8 and report["erased"]["concept"]["preserved"] >= 0.8
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "red rate %" in table and "Others kept %" in table
 
 
 def test_concept_metric_without_a_scorer_is_refused(toy_model_dir):

@@ -22,8 +22,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
+from tqdm.auto import tqdm
 
 from rece_lightning import diffusion
 from rece_lightning.attacks.base import AttackContext, AttackOutcome, PromptAttack
@@ -85,6 +87,9 @@ class ErasureEvaluator(pl.LightningModule):
             each model and its images are generated from the attack's embedding; needs ``asr`` or ``concept_asr``.
             Outcomes are saved per prompt beside the images (a rerun skips attacked prompts); the adversarial prompts
             are written to ``<output_dir>/adversarial_prompts_<attack>_<variant>.csv``.
+        erased_classes: the scorer classes that are the erased concept, for the ``concept`` metric's rate (the
+            other classes are scored as preservation on the prompts of their category); default: what the scorer
+            sees in the export's ``erase_concepts`` (``red`` for an export that erased "red"), else all its classes.
         allow_other_base: apply ``erased`` even though it records another base model's K/V than this one's (a
             warning instead of the refusal).
     """
@@ -114,6 +119,7 @@ class ErasureEvaluator(pl.LightningModule):
         scorer: ImageScorer | None = None,
         attack: PromptAttack | None = None,
         allow_other_base: bool = False,
+        erased_classes: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["fid_feature", "lpips_net", "scorer", "metrics", "attack"])
@@ -159,6 +165,7 @@ class ErasureEvaluator(pl.LightningModule):
             diffusion.check_kv_fit_before_loading(
                 pretrained_model_name_or_path, self._erased_file.content, what=f"erased={erased!r}"
             )
+        self.erased_classes = self._erased_classes(erased_classes)
         self.variants = [
             v
             for v in VARIANTS
@@ -198,6 +205,21 @@ class ErasureEvaluator(pl.LightningModule):
         self.kv_by_variant: dict[str, dict[str, Tensor]] = {}
         self.image_sets: dict[str, generation.ImageSet] = {}
         self._active: str | None = None
+
+    def _erased_classes(self, given: list[str] | None) -> tuple[str, ...] | None:
+        scorer = self.concept_scorer
+        if scorer is None:
+            if given is not None:
+                raise ValueError(f"erased_classes={given!r} needs a scorer whose classes they are")
+            return None
+        if given is not None:
+            return check_classes(given, scorer.classes, "the scorer")
+        concepts = self._erased_file.concepts if self._erased_file is not None else None
+        seen = set()
+        for concept in concepts or ():
+            seen |= scorer.classes_for(concept) or set()
+        found = tuple(c for c in scorer.classes if c in seen)
+        return found or tuple(scorer.classes)
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -256,6 +278,7 @@ class ErasureEvaluator(pl.LightningModule):
             settings["attack"] = self.attack.settings()
             self._check_attack_prompts()
             self._outcomes: dict[str, dict[int, AttackOutcome]] = {v: {} for v in self.variants}
+            self._attack_progress = self._attack_bar()
         for variant, weights in self.kv_by_variant.items():
             fingerprint = {**settings, "kv_sha256": kv_fingerprint(weights)}
             self.image_sets[variant] = generation.ImageSet.open(self.output_dir, variant, fingerprint)
@@ -299,6 +322,7 @@ class ErasureEvaluator(pl.LightningModule):
         if self.attack is not None:
             self._attacked_images(variant, items, sizes, records, images, missing)
         elif missing:
+            self._stop_if_asked()
             self._activate(variant)
             generated = generation.generate_images(
                 self.pipeline,
@@ -322,6 +346,26 @@ class ErasureEvaluator(pl.LightningModule):
         for prompt in sorted({item.prompt for item in dataset}):
             self.attack.check_prompt(self.pipeline.tokenizer, prompt)
 
+    def _attack_bar(self) -> tqdm:
+        """Per-prompt progress of the attack on this process (the whole attack may be a single test batch): prompts
+        done, the last prompt's steps and best loss."""
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "dataset", None)
+        cases = list(dict.fromkeys(item.case_number for item in dataset)) if dataset is not None else []
+        mine = cases[self.trainer.global_rank :: self.trainer.world_size]
+        return tqdm(
+            total=len(mine) * len(self.variants),
+            desc=f"{self.attack.name} attack (prompt x model)",
+            unit="prompt",
+            leave=False,
+            disable=self.trainer.progress_bar_callback is None or not self.trainer.is_global_zero,
+        )
+
+    def _stop_if_asked(self) -> None:
+        """On SIGTERM stop between two prompts: what is done (images, attack outcomes) is already on disk, and the
+        same command goes on from there."""
+        if self._trainer is not None and self.trainer.received_sigterm:
+            raise SIGTERMException
+
     def attack_folder(self, variant: str) -> Path:
         return self.image_sets[variant].folder / f"attack_{self.attack.name}"
 
@@ -335,11 +379,15 @@ class ErasureEvaluator(pl.LightningModule):
         if outcome is None and self.attack.model_agnostic:  # one search serves every model
             outcome = next((o[case] for o in self._outcomes.values() if case in o), None)
         if outcome is None:
+            self._stop_if_asked()
             self._activate(variant)
             outcome = self.attack.attack(self._context(variant), items, *size)
             self._activate(variant)
         if not (self.attack_folder(variant) / f"{key}.json").is_file():
             outcome.save(self.attack_folder(variant), case, key)
+        self._attack_progress.update(1)
+        best = f"{min(outcome.losses):.4g}" if outcome.losses else "-"
+        self._attack_progress.set_postfix({"model": variant, "steps": outcome.steps, "best loss": best})
         self._outcomes[variant][case] = outcome
         self.counters[f"{variant}__attack_prompts"].update(1.0)
         self.counters[f"{variant}__attack_steps"].update(float(outcome.steps))
@@ -397,6 +445,8 @@ class ErasureEvaluator(pl.LightningModule):
     # --- results -------------------------------------------------------------------------------------------------
 
     def on_test_epoch_end(self) -> None:
+        if self.attack is not None:
+            self._attack_progress.close()
         results: dict[str, dict] = {
             v: {
                 "num_prompts": int(self.counters[f"{v}__prompts"].compute()),
