@@ -445,6 +445,8 @@ def build_tiny_pipeline(
     tokenizer: str | os.PathLike | None = None,
     seed: int = 0,
     architecture: str = "sd1",
+    max_length: int = 77,
+    text_width: int | None = None,
 ) -> Path:
     """Write a random tiny pipeline to ``folder`` with ``save_pretrained`` and return the folder.
 
@@ -460,6 +462,10 @@ def build_tiny_pipeline(
 
     Every one has a tiny VAE and a DDIM scheduler, and no safety checker. ``tokenizer`` is a folder holding the real
     CLIP tokenizer (``vocab.json`` + ``merges.txt``); without it a small BPE is trained on the fly.
+
+    ``max_length`` (token positions, 77 as in SD) and ``text_width`` (``sd1`` / ``sd2``: the text encoder's width,
+    d) shape the closed form's inputs: with ``text_width > max_length`` the edits take the thin rank-T branches that
+    Stable Diffusion (d = 768-2048, 77 rows) takes, instead of the dense ones the default shapes take.
     """
     import diffusers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -472,7 +478,7 @@ def build_tiny_pipeline(
     if tokenizer is None:
         train_small_bpe(tokenizer_folder)
         tokenizer = tokenizer_folder
-    clip_tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=77)
+    clip_tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=max_length)
     torch.manual_seed(seed)
 
     def text_config(width: int, **extra) -> CLIPTextConfig:
@@ -482,7 +488,7 @@ def build_tiny_pipeline(
             intermediate_size=2 * width,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=77,
+            max_position_embeddings=max_length,
             bos_token_id=clip_tokenizer.bos_token_id,
             eos_token_id=clip_tokenizer.eos_token_id,
             pad_token_id=clip_tokenizer.pad_token_id,
@@ -515,7 +521,7 @@ def build_tiny_pipeline(
         }
     else:
         sd2 = architecture == "sd2"
-        width = 48 if sd2 else 32
+        width = text_width or (48 if sd2 else 32)
         unet = UNet2DConditionModel(
             **unet_shape,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

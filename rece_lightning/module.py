@@ -462,8 +462,9 @@ class RECEModule(pl.LightningModule):
             hp = self.hparams
             rank_zero_warn(
                 f"RECE edit {int(self.edits_applied)} changes the K/V by {float(change):.1e} (relative): numerically "
-                f"nothing. lamb={lamb if lamb is not None else hp.lamb!r} (or preserve_scale) outweighs the erase "
-                f"term; the reference uses lamb=0.1"
+                f"nothing: the erase term (erase_scale={hp.erase_scale!r}) is outweighed by "
+                f"lamb={lamb if lamb is not None else hp.lamb!r} and the preserve term; the reference uses erase_scale=1, "
+                "lamb=0.1"
             )
         if write:
             self._write(edited.transform, previous=self.transform, factors=(edited.left, edited.right))

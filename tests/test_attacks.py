@@ -357,7 +357,9 @@ def test_a_white_box_attack_on_the_erased_model_alone_uses_the_base_weights(toy_
     assert alone["erased"]["image_dir"].split("/")[-1] == both["erased"]["image_dir"].split("/")[-1]
 
 
-def test_sigterm_stops_an_attack_between_prompts_and_keeps_what_is_done(toy_model_dir, uce_export, tmp_path, monkeypatch):
+def test_sigterm_stops_an_attack_between_prompts_and_keeps_what_is_done(
+    toy_model_dir, uce_export, tmp_path, monkeypatch
+):
     import os
     import signal
 

@@ -15,7 +15,7 @@ from callbacks import CollapseGuard, NudityCheckpointSelector, ParameterDrift, P
 from callbacks.probing import ProbeSettings, generate_probes
 from rece_lightning import diffusion, load_erased
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, NudityScorer, to_bgr_uint8
-from tests.conftest import datasets_or_skip, fit_tiny
+from tests.conftest import fit_tiny
 
 TINY = {"num_images": 2, "num_inference_steps": 2, "height": 32, "width": 32}
 PROBE = ProbeSettings(**TINY)  # one probe-settings object for every callback: images made once per state
@@ -44,7 +44,7 @@ class ShowModule(pl.Callback):
     def __init__(self, detector: ScriptedDetector) -> None:
         self.detector = detector
 
-    def on_train_start(self, trainer, pl_module):
+    def on_fit_start(self, trainer, pl_module):  # also runs for max_epochs=0, whose training loop never starts
         self.detector.module = pl_module
 
 
@@ -195,19 +195,122 @@ def test_stop_when_clean_ends_the_run_early(tiny_pipeline_dir, tmp_path):
     assert selector.selected == 1 and module.rece_epochs_done == 1
 
 
-def test_validation_prompts_from_a_csv_set_the_nudity_rate(tiny_pipeline_dir, tmp_path):
-    datasets = datasets_or_skip()
-    detector = ScriptedDetector(clean_from=None)
+class PatternDetector:
+    """Stands in for NudeNet with a fixed verdict per state and image: ``pattern[state]`` lists, in the order the
+    selector scores them, the probe images then the validation images (1 = exposed)."""
 
-    selector = NudityCheckpointSelector(
+    def __init__(self, pattern: dict[int, list[int]]) -> None:
+        self.pattern, self.module, self.seen = pattern, None, {}
+
+    def detect(self, image):
+        state = self.module.rece_epochs_done
+        index = self.seen.get(state, 0)
+        self.seen[state] = index + 1
+        flagged = self.pattern[state][index]
+        return [{"class": "BUTTOCKS_EXPOSED", "score": 0.9, "box": [0, 0, 4, 4]}] if flagged else []
+
+
+# per state: 2 probe images, then 3 validation images
+PATTERN = {0: [1, 1, 1, 0, 0], 1: [1, 0, 0, 0, 0], 2: [0, 0, 0, 0, 0]}
+
+
+@pytest.mark.parametrize(
+    "select_on,selected,rates",
+    [
+        ("validation", 1, [1 / 3, 0.0, 0.0]),  # the validation images are clean from state 1, the probes are not
+        ("both", 2, [3 / 5, 1 / 5, 0.0]),  # the share of all checked images: 0 only when both are clean
+        ("probes", 2, [1.0, 0.5, 0.0]),
+    ],
+)
+def test_select_on_decides_which_images_must_be_clean_and_which_rate_is_monitored(
+    tiny_pipeline_dir, tmp_path, select_on, selected, rates
+):
+    detector = PatternDetector(PATTERN)
+    selector = NudityCheckpointSelector(  # select_on and validation_prompts reach the NudeNet selector too
         detector=detector,
-        validation_csv=str(datasets / "validation_inappropriate.csv"),
-        validation_limit=3,
+        validation_prompts=["a photo", "a painting", "a drawing"],
+        select_on=select_on,
         probe=PROBE,
     )
-    fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=1, callbacks=[ShowModule(detector), selector])
-    assert [s["validation"]["images"] for s in selector.scores] == [3, 3]
-    assert detector.calls == 2 * (2 + 3)  # per state: 2 probe images + 3 validation images
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/nudity_rate", mode="min", save_top_k=1, filename="{epoch}"
+    )
+    trainer, module = fit_tiny(
+        tiny_pipeline_dir, tmp_path, max_epochs=2, callbacks=[ShowModule(detector), selector, checkpoints]
+    )
+    assert detector.seen == {0: 5, 1: 5, 2: 5}
+    assert selector.selected == selected and module.recommended.state == selected
+    events = _events(trainer.log_dir)
+    assert [s.value for s in events.Scalars("val/nudity_rate")] == pytest.approx(rates)
+    assert [s.value for s in events.Scalars("val/probe_rate")] == pytest.approx([1.0, 0.5, 0.0])
+    assert [s.value for s in events.Scalars("val/validation_rate")] == pytest.approx([1 / 3, 0.0, 0.0])
+    # ModelCheckpoint monitors the rate the selection decides on (epoch e's checkpoint is state e + 1)
+    assert checkpoints.best_model_score == pytest.approx(min(rates[1:]))
+    assert Path(checkpoints.best_model_path).name == f"epoch={rates[1:].index(min(rates[1:]))}.ckpt"
+
+
+def test_the_fit_exports_the_selected_state_and_keeps_the_last_beside_it(full_run, tiny_pipeline_dir):
+    trainer, module, root, callbacks = full_run
+    assert callbacks[2].selected == 1 and module.rece_epochs_done == 2
+    export, last = Path(trainer.log_dir) / "erased", Path(trainer.log_dir) / "erased_last"
+    manifest = json.loads((export / "rece_manifest.json").read_text())
+    assert manifest["rece_epochs"] == 1 and "first state" in manifest["selection"]
+    selected = diffusion.kv_weights(load_erased(diffusion.load_pipeline(str(tiny_pipeline_dir)), export).unet)
+    from_checkpoint = load_erased(diffusion.load_pipeline(str(tiny_pipeline_dir)), root / "ckpt" / "epoch=0.ckpt")
+    final = diffusion.kv_weights(load_erased(diffusion.load_pipeline(str(tiny_pipeline_dir)), last).unet)
+    for name, weight in diffusion.kv_weights(from_checkpoint.unet).items():
+        assert torch.equal(selected[name], weight)
+        assert torch.equal(final[name], module.kv_state()[name])
+    assert json.loads((last / "rece_manifest.json").read_text())["rece_epochs"] == 2
+
+
+def test_uce_alone_is_observed_exported_and_selected(tiny_pipeline_dir, tmp_path):
+    detector = ScriptedDetector(clean_from=0)
+    callbacks = [ProbeImages(probe=PROBE), ParameterDrift(), NudityCheckpointSelector(detector=detector, probe=PROBE)]
+    trainer, module = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=0, callbacks=[ShowModule(detector), *callbacks])
+    events = _events(trainer.log_dir)
+    assert [image.step for image in events.Images("probe/nudity/derived")] == [0]
+    assert [s.step for s in events.Scalars("drift/total")] == [0] and events.Scalars("drift/total")[0].value > 0
+    assert [s.value for s in events.Scalars("val/nudity_rate")] == [0.0]
+    selection = json.loads((Path(trainer.log_dir) / "selected" / "selection.json").read_text())
+    assert selection["state"] == 0 and module.recommended.state == 0
+    assert (Path(trainer.log_dir) / "erased" / "rece_kv.safetensors").is_file()
+
+
+def test_selected_state_follows_the_diffusers_export_format(tiny_pipeline_dir, tmp_path):
+    import diffusers
+
+    detector = ScriptedDetector(clean_from=1)
+    selector = NudityCheckpointSelector(detector=detector, probe=PROBE)
+    trainer, module = fit_tiny(
+        tiny_pipeline_dir,
+        tmp_path,
+        max_epochs=2,
+        callbacks=[ShowModule(detector), selector],
+        export_format="diffusers",
+    )
+    folder = Path(trainer.log_dir) / "selected"
+    plain = diffusers.DiffusionPipeline.from_pretrained(str(folder))  # plain diffusers, no project code
+    expected = module.weights_for(selector.transforms[1])
+    for name, weight in diffusion.kv_weights(plain.unet).items():
+        assert torch.equal(weight, expected[name]), name
+    assert not all(torch.equal(w, module.kv_state()[n]) for n, w in expected.items())  # state 1, not the last
+    assert (folder / "selection.json").is_file() and (Path(trainer.log_dir) / "erased" / "model_index.json").is_file()
+
+
+def test_a_selector_whose_scorer_misses_the_erased_concept_is_refused_before_the_model_loads(
+    toy_model_dir, tmp_path, monkeypatch
+):
+    from callbacks import ConceptCheckpointSelector
+    from rece_lightning.toyworld import ToyWorldScorer
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline must not be loaded")
+
+    monkeypatch.setattr(diffusion, "load_pipeline", no_loading)
+    selector = ConceptCheckpointSelector(scorer=ToyWorldScorer(["red"]), probe=PROBE)
+    with pytest.raises(ValueError, match=r"looks for \['red'\] but the erased concept 'blue' shows as \['blue'\]"):
+        fit_tiny(toy_model_dir, tmp_path, max_epochs=1, callbacks=[selector], erase_concepts=["blue"])
 
 
 def test_real_nudenet_scores_tiny_pipeline_images(tiny_pipeline_dir):
@@ -227,9 +330,31 @@ def test_real_nudenet_scores_tiny_pipeline_images(tiny_pipeline_dir):
             assert {"class", "score", "box"} <= set(detection) and 0 <= detection["score"] <= 1
     found = scorer.detect(images)
     assert len(found) == 2 and all(set(f) <= set(EXPOSED_CLASSES) for f in found)
-    tally = scorer.tally(found)
-    assert tally["images"] == 2 and set(EXPOSED_CLASSES) <= set(tally)
-    assert tally["nudity_rate"] == sum(bool(f) for f in found) / 2
+
+
+def test_the_nudity_tally_counts_each_class_once_per_image_and_the_nude_share():
+    class Fixed:  # image 0: two exposed classes (one twice); image 1: a covered class only; image 2: nothing
+        verdicts = [
+            [
+                {"class": "BELLY_EXPOSED", "score": 0.9, "box": []},
+                {"class": "BELLY_EXPOSED", "score": 0.7, "box": []},
+                {"class": "FEET_EXPOSED", "score": 0.8, "box": []},
+            ],
+            [{"class": "FEMALE_BREAST_COVERED", "score": 0.95, "box": []}],
+            [],
+        ]
+
+        def __init__(self):
+            self.calls = 0
+
+        def detect(self, image):
+            self.calls += 1
+            return self.verdicts[self.calls - 1]
+
+    scorer = NudityScorer(0.6, detector=Fixed())
+    tally = scorer.tally(scorer.detect([np.zeros((8, 8, 3), dtype=np.float32)] * 3))
+    assert tally["BELLY_EXPOSED"] == 1 and tally["FEET_EXPOSED"] == 1 and tally["total"] == 2
+    assert tally["images"] == 3 and tally["nude_images"] == 1 and tally["nudity_rate"] == pytest.approx(1 / 3)
 
 
 def test_threshold_and_classes_filter_detections():

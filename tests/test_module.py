@@ -281,3 +281,101 @@ def test_mixed_precision_leaves_the_float64_state_alone(tiny_pipeline_dir, tmp_p
     trainer.fit(module)
     assert module.transform.dtype == torch.float64
     assert torch.equal(module.transform, plain.transform)
+
+
+@pytest.fixture(scope="module")
+def wide_pipeline_dir(tmp_path_factory):
+    """A tiny SD-1.x pipeline whose text width (64) exceeds its token positions (16), as in Stable Diffusion (d = 768,
+    77 rows): its edits take the thin rank-T branches, the low-rank K/V write and the thin Eq. 8 solve."""
+    from tests.conftest import CLIP_TOKENIZER
+
+    tokenizer = CLIP_TOKENIZER if (CLIP_TOKENIZER / "vocab.json").is_file() else None
+    folder = tmp_path_factory.mktemp("wide") / "wide-sd"
+    return diffusion.build_tiny_pipeline(folder, tokenizer=tokenizer, max_length=16, text_width=64)
+
+
+class _EveryState(pl.Callback):
+    """The K/V after UCE and after every epoch."""
+
+    def __init__(self) -> None:
+        self.states = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.states.append({n: w.detach().double().clone() for n, w in pl_module.kv_state().items()})
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.on_train_start(trainer, pl_module)
+
+
+def test_the_thin_branches_match_the_per_matrix_reference_at_non_default_settings(
+    wide_pipeline_dir, tmp_path, monkeypatch
+):
+    solves, writes = [], []
+    real_solve, real_apply = closed_form._spd_solve, closed_form.apply_transform
+
+    def solve(matrix, rhs):
+        solves.append(tuple(rhs.shape))
+        return real_solve(matrix, rhs)
+
+    def apply(weight, transform, left=None, right=None):
+        writes.append(left is not None)
+        return real_apply(weight, transform, left, right)
+
+    monkeypatch.setattr(closed_form, "_spd_solve", solve)
+    monkeypatch.setattr(closed_form, "apply_transform", apply)
+    watch = _EveryState()
+    settings = {"lamb": 0.3, "preserve_scale": 0.25, "reg": 0.05}
+    fit_tiny(wide_pipeline_dir, tmp_path, max_epochs=2, callbacks=[watch], **settings)
+    monkeypatch.undo()
+    # Every solve of the fit had fewer right-hand sides than d = 64 (thin Eq. 3 and Eq. 8; the dense ones solve
+    # with d columns), and the K/V were written through the low-rank factors at least once (after UCE).
+    assert solves and all(rows == 64 and columns < 64 for rows, columns in solves), solves
+    assert any(writes)
+    for epochs, state in enumerate(watch.states):
+        reference = _reference_rece(wide_pipeline_dir, epochs, lamb=0.3, keep=0.25, reg=0.05)
+        defaults = _reference_rece(wide_pipeline_dir, epochs)
+        for ours, theirs, default in zip(state.values(), reference, defaults, strict=True):
+            scale = theirs.abs().max()
+            assert (ours - theirs).abs().max() <= 1e-5 * scale, epochs
+            # the settings reached this state: the defaults give other weights, far beyond the tolerance
+            assert (default - theirs).abs().max() > 1e-3 * scale, epochs
+
+
+def test_max_steps_alone_counts_rounds(tiny_pipeline_dir, tmp_path):
+    module = RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module)
+    assert module.rece_epochs_done == 2
+
+
+def test_load_from_checkpoint_gives_the_weights_load_erased_gives(tiny_pipeline_dir, tmp_path):
+    from rece_lightning import load_erased
+
+    checkpointing = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    _, fitted = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=2, callbacks=[checkpointing], reg=0.05)
+    path = tmp_path / "ckpt" / "epoch=0.ckpt"
+    restored = RECEModule.load_from_checkpoint(path)
+    assert restored.hparams.reg == 0.05 and int(restored.edits_applied) == 2
+    restored.setup("test")  # loads the base model named in the checkpoint and writes the restored state into it
+    expected = diffusion.kv_weights(load_erased(diffusion.load_pipeline(str(tiny_pipeline_dir)), path).unet)
+    assert not all(torch.equal(w, fitted.original_kv[n]) for n, w in expected.items())
+    for name, weight in restored.kv_state().items():
+        assert torch.equal(weight, expected[name]), name
+
+
+def test_a_regulariser_that_makes_the_edit_nothing_is_refused_and_an_empty_edit_warns(tiny_pipeline_dir):
+    with pytest.raises(ValueError, match=r"lamb=1e\+30 is not allowed: .* <= 1e\+06"):
+        RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), lamb=1e30)
+    with pytest.raises(ValueError, match=r"reg=10000000.0 is not allowed"):
+        RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), reg=1e7)
+    module = RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), erase_scale=0.0)
+    module.attach_pipeline(diffusion.load_pipeline(str(tiny_pipeline_dir)))
+    with pytest.warns(UserWarning, match="numerically nothing"):
+        module.apply_uce()
