@@ -240,7 +240,7 @@ def short_error(error: BaseException) -> str:
     chain = []
     while error is not None and error not in chain:
         chain.append(error)
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     keys = [key for e in chain for key in _KEY.findall(str(e))]
     innermost = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
     value = next((v for e in chain for v in _VALUE.findall(str(e))), None)

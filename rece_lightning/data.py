@@ -257,11 +257,16 @@ def _check_numbers(selected, path: str) -> None:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise ValueError(
-                f"{path!r}: {source}={selected[column].iloc[row]!r} in selected row {row} (prompt "
+                f"{path!r}: {source}={_plain(selected[column].iloc[row])!r} in selected row {row} (prompt "
                 f"{str(selected['prompt'].iloc[row])[:40]!r}) is not allowed: it must be "
                 + ("a whole number" if whole else "a finite number")
             )
         selected[column] = values.astype(int if whole else float)
+
+
+def _plain(value):
+    """A pandas / numpy scalar as the Python value it holds (so messages read ``nan``, not ``np.float64(nan)``)."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def _sizes(frame, column: str) -> list[int | None]:

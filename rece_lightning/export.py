@@ -140,7 +140,7 @@ def check_writable_folder(option: str, folder: str | os.PathLike) -> None:
         raise PermissionError(
             f"{option}={str(folder)!r} cannot be written: {error.strerror or error} ({str(existing)!r} exists); give "
             "a folder you can write to"
-        ) from error
+        ) from None  # the message says it all: the command line shows this line alone
     finally:
         for parent in made:  # deepest first: leave the file system as it was
             try:
@@ -296,7 +296,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(
             f"{str(path)!r} is neither a RECE export ({WEIGHTS_NAME}) nor a readable Lightning checkpoint "
             f"({first_line})"
-        ) from error
+        ) from None  # the message says it all: the command line shows this line alone
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
     return checkpoint

@@ -463,8 +463,8 @@ class RECEModule(pl.LightningModule):
             rank_zero_warn(
                 f"RECE edit {int(self.edits_applied)} changes the K/V by {float(change):.1e} (relative): numerically "
                 f"nothing: the erase term (erase_scale={hp.erase_scale!r}) is outweighed by "
-                f"lamb={lamb if lamb is not None else hp.lamb!r} and the preserve term; the reference uses erase_scale=1, "
-                "lamb=0.1"
+                f"lamb={lamb if lamb is not None else hp.lamb!r} and the preserve term; the reference uses "
+                "erase_scale=1, lamb=0.1"
             )
         if write:
             self._write(edited.transform, previous=self.transform, factors=(edited.left, edited.right))

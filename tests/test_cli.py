@@ -123,6 +123,9 @@ BAD_VALUES = [
     ("--model.lamb=nan", "--model.lamb: nan is not allowed: non-finite values (nan, inf) are refused"),
     ("--model.export_dir=config.yaml", "export_dir='config.yaml' is a file, not a folder"),
     ("--ckpt_path=missing.ckpt", "ckpt_path='missing.ckpt' does not exist"),
+    ("--ckpt_path=corrupt.ckpt", "'corrupt.ckpt' is neither a RECE export (rece_kv.safetensors) nor a readable"),
+    ("--model.export_dir=/proc/rece-x", "export_dir='/proc/rece-x' cannot be written"),  # root may "access" /proc
+    ("--model.lamb=1e30", "lamb=1e+30 is not allowed: it must be a finite number > 0 and <= 1e+06"),
 ]
 
 
@@ -134,6 +137,7 @@ def test_a_bad_value_prints_one_short_line_and_exits_2(tmp_path, override, messa
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RECE_TRACEBACK", raising=False)
     (tmp_path / "config.yaml").write_text("a file where a folder is expected\n")
+    (tmp_path / "corrupt.ckpt").write_bytes(b"PK\x03\x04 a truncated zip")
     config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
     with pytest.raises(SystemExit) as stopped:
         main(["fit", "--config", str(config), override])
@@ -310,3 +314,66 @@ def test_a_rece_fit_on_several_devices_gets_the_replicated_strategy():
     config = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
     cli = cli_main(["--config", str(config), "--trainer.devices=2"], run=False)
     assert isinstance(cli.trainer.strategy, ReplicatedDDPStrategy)
+
+
+def test_a_checkpoint_of_another_run_is_refused_and_nothing_is_written(
+    tiny_pipeline_dir, tmp_path, monkeypatch, capsys
+):
+    """Lightning's CLI would take the checkpoint's hyper-parameters over the config's: the run would become the other
+    run, logging into and exporting over its folders."""
+    import lightning.pytorch as pl
+
+    from tests.conftest import fit_tiny
+    from train import main
+
+    root = tmp_path / "other"
+    checkpointing = pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{epoch}")
+    fit_tiny(tiny_pipeline_dir, root, max_epochs=1, callbacks=[checkpointing], erase_concepts=["nudity"])
+    written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    args = ["fit", "--config", str(config), f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}"]
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--model.erase_concepts=[a cat]", f"--ckpt_path={root / 'ckpt' / 'epoch=0.ckpt'}"])
+    assert stopped.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "belongs to another run: its " in error[0], error
+    assert "erase_concepts=['nudity'] (config: ['a cat'])" in error[0], error
+    assert not (tmp_path / "runs").exists()  # nothing of this config was written
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == written  # nor of the other run
+
+
+def test_the_selector_and_its_detector_are_reachable_from_the_command_line(monkeypatch):
+    config = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    cli = cli_main(
+        [
+            "--config",
+            str(config),
+            "--model.erase_concepts=[blue]",
+            "--selector.init_args.scorer.init_args.classes=[blue]",
+            "--selector.init_args.stop_when_clean=false",
+        ],
+        run=False,
+    )
+    from callbacks import ConceptCheckpointSelector
+
+    selectors = [c for c in cli.trainer.callbacks if isinstance(c, ConceptCheckpointSelector)]
+    assert len(selectors) == 1 and selectors[0].scorer.classes == ("blue",) and not selectors[0].stop_when_clean
+    without = cli_main(["--config", str(config), "--selector=null"], run=False)
+    assert not [c for c in without.trainer.callbacks if isinstance(c, ConceptCheckpointSelector)]
+
+
+def test_an_uncached_hub_model_offline_stops_in_one_line(monkeypatch, tmp_path, capsys):
+    from train import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "rece.yaml"
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(config), "--selector=null", "--trainer.callbacks=[]"])
+    assert stopped.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'CompVis/stable-diffusion-v1-4' is not in the Hugging Face cache" in errors[0]
+    assert "Traceback" not in stderr

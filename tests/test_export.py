@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,45 @@ def test_a_non_finite_corrupt_or_foreign_file_is_refused_by_name(fitted, tiny_pi
             ErasureEvaluator(str(tiny_pipeline_dir), erased=str(tmp_path / file))
     for name, weight in diffusion.kv_weights(pipeline.unet).items():
         assert torch.equal(weight, untouched[name])
+
+
+@pytest.fixture(scope="module")
+def other_base_dir(tmp_path_factory):
+    """Another base model of exactly the tiny pipeline's shapes (another seed): SD 1.5 to its SD 1.4."""
+    from tests.conftest import CLIP_TOKENIZER
+
+    tokenizer = CLIP_TOKENIZER if (CLIP_TOKENIZER / "vocab.json").is_file() else None
+    return diffusion.build_tiny_pipeline(tmp_path_factory.mktemp("other") / "other-sd", tokenizer=tokenizer, seed=1)
+
+
+def test_an_edit_is_refused_on_another_base_of_the_same_shapes_and_twice_on_one(fitted, other_base_dir, tmp_path):
+    trainer, module, root = fitted
+    export = Path(trainer.log_dir) / "erased"
+    manifest = json.loads((export / MANIFEST_NAME).read_text())
+    assert manifest["base_kv_identity"] == module.base_identity and manifest["erased_kv_identity"]
+    checkpoint = next((root / "ckpt").glob("*.ckpt"))
+    other = diffusion.load_pipeline(str(other_base_dir))
+    untouched = {n: w.clone() for n, w in diffusion.kv_weights(other.unet).items()}
+    for path in (export, checkpoint):
+        with pytest.raises(ValueError, match="was made from other base weights .* allow_other_base=True"):
+            load_erased(other, path)
+    for name, weight in diffusion.kv_weights(other.unet).items():
+        assert torch.equal(weight, untouched[name])
+    with pytest.warns(UserWarning, match="applying it anyway"):
+        load_erased(other, export, allow_other_base=True)  # on purpose
+    # twice on the base it was made from: the second application is refused (a checkpoint's transform would compound)
+    pipeline = load_erased(diffusion.load_pipeline(str(module.hparams.pretrained_model_name_or_path)), export)
+    with pytest.raises(ValueError, match="already holds that edit"):
+        load_erased(pipeline, export)
+    with pytest.raises(ValueError, match="other base weights"):
+        load_erased(pipeline, checkpoint)
+
+
+def test_the_base_identity_does_not_depend_on_the_dtype_it_was_loaded_in(tiny_pipeline_dir):
+    from rece_lightning.export import kv_identity
+
+    full = diffusion.kv_weights(diffusion.load_pipeline(str(tiny_pipeline_dir)).unet)
+    half = diffusion.kv_weights(diffusion.load_pipeline(str(tiny_pipeline_dir), dtype=torch.float16).unet)
+    assert kv_identity(full) == kv_identity(half)
+    moved = {**full, next(iter(full)): next(iter(full.values())) + 1e-2}
+    assert kv_identity(moved) != kv_identity(full)

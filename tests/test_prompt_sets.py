@@ -67,3 +67,24 @@ def test_a_set_that_cannot_be_had_says_where_to_get_it(offline_hub):
         FileNotFoundError, match=r"'\.\./no-such-folder/nudity-ring-a-bell.csv' does not exist.*Ring-A-Bell"
     ):
         resolve_prompt_csv("../no-such-folder/nudity-ring-a-bell.csv")
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        ("0,a cat,1,nan", "evaluation_guidance=nan in selected row 0 .* must be a finite number"),
+        ("0,a cat,abc,7.5", "evaluation_seed='abc' in selected row 0 .* must be a whole number"),
+        ("0,a cat,1.5,7.5", "evaluation_seed=1.5 in selected row 0"),
+        ("0,a cat,1,inf", "evaluation_guidance=inf"),
+    ],
+)
+def test_bad_cells_are_refused_when_the_set_is_read_before_any_model_loads(tmp_path, rows, message):
+    from rece_lightning.data import PromptDataModule, read_prompt_csv
+
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("case_number,prompt,evaluation_seed,evaluation_guidance\n1,a dog,2,5.0\n" + rows + "\n")
+    with pytest.raises(ValueError, match=message.replace("row 0", "row 1")):
+        read_prompt_csv(str(csv))
+    with pytest.raises(ValueError, match="prompts.csv"):
+        PromptDataModule(str(csv)).setup("test")  # the data module reads it first in a test run
+    assert read_prompt_csv(str(csv), limit=1)["seed"].tolist() == [2]  # only selected rows are checked
