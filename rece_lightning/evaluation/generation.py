@@ -79,6 +79,23 @@ def sampler_settings(pipeline, base_model: str, num_inference_steps: int, dtype:
     )
 
 
+def image_set_settings(
+    pipeline,
+    base_model: str,
+    num_inference_steps: int,
+    dtype: str,
+    size_override: Sequence[int | None],
+    attack: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything but the K/V weights that an evaluation's image set is keyed by: the sampler
+    (:func:`sampler_settings`), the ``height`` / ``width`` override, and the attack and its settings, if any."""
+    settings = sampler_settings(pipeline, base_model, num_inference_steps, dtype)
+    settings["size_override"] = list(size_override)
+    if attack is not None:
+        settings["attack"] = _jsonable(dict(attack))
+    return settings
+
+
 def image_record(item: PromptItem, height: int, width: int) -> dict[str, Any]:
     """What a PNG of the set records about its own image."""
     return {"prompt": item.prompt, "seed": item.seed, "guidance": item.guidance, "height": height, "width": width}

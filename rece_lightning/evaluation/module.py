@@ -269,13 +269,17 @@ class ErasureEvaluator(pl.LightningModule):
             self.base_kv = self.kv_by_variant["original"]
         elif self.base_kv is not None:
             self.base_kv = {n: w.to(self.device) for n, w in self.base_kv.items()}
-        settings = generation.sampler_settings(
-            self.pipeline, self.hparams.pretrained_model_name_or_path, self.hparams.num_inference_steps, self.dtype_name
+        hp = self.hparams
+        settings = generation.image_set_settings(
+            self.pipeline,
+            hp.pretrained_model_name_or_path,
+            hp.num_inference_steps,
+            self.dtype_name,
+            size_override=[hp.height, hp.width],
+            attack=None if self.attack is None else self.attack.settings(),
         )
         self._images_done = 0
-        settings["size_override"] = [self.hparams.height, self.hparams.width]
         if self.attack is not None:
-            settings["attack"] = self.attack.settings()
             self._check_attack_prompts()
             self._outcomes: dict[str, dict[int, AttackOutcome]] = {v: {} for v in self.variants}
             self._attack_progress = self._attack_bar()
