@@ -382,3 +382,23 @@ def test_sigterm_stops_an_attack_between_prompts_and_keeps_what_is_done(
     assert calls == [0]  # stopped before the second prompt, not at the end of the batch
     saved = list(output.rglob("attack_derived_embedding/*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["case_number"] == 0
+
+
+def test_unlearndiff_draws_other_timesteps_of_the_trajectory_at_every_step(toy_model_dir, uce_export):
+    context = _context(toy_model_dir, uce_export)
+    item = PromptItem(case_number=0, index=0, prompt="a red circle", seed=3, guidance=5.0)
+    drawn = []
+
+    def record(module, args, kwargs):
+        if kwargs.get("encoder_hidden_states") is not None and kwargs["encoder_hidden_states"].requires_grad:
+            drawn.append(tuple(args[1].tolist()))  # the optimisation's forward passes only
+
+    handle = context.pipeline.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        UnlearnDiffAttack("red", steps=6, num_tokens=3, check_every=1000, timesteps_per_step=3).attack(
+            context, [item], 32, 32
+        )
+    finally:
+        handle.remove()
+    assert len(drawn) == 6 and all(len(set(step)) == 3 for step in drawn)  # 3 distinct timesteps per step
+    assert len(set(drawn)) > 1 and len({t for step in drawn for t in step}) > 3  # not the same ones every step

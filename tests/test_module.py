@@ -379,3 +379,19 @@ def test_a_regulariser_that_makes_the_edit_nothing_is_refused_and_an_empty_edit_
     module.attach_pipeline(diffusion.load_pipeline(str(tiny_pipeline_dir)))
     with pytest.warns(UserWarning, match="numerically nothing"):
         module.apply_uce()
+
+
+def test_low_rank_factors_survive_a_checkpoint_and_a_resume_writes_the_same_bits(wide_pipeline_dir, tmp_path):
+    from rece_lightning.module import LOW_RANK_KEY
+
+    watch = _EveryState()
+    every_epoch = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    fit_tiny(wide_pipeline_dir, tmp_path / "a", max_epochs=2, callbacks=[watch, every_epoch])
+    first = tmp_path / "ckpt" / "epoch=0.ckpt"
+    saved = torch.load(first, weights_only=True)[LOW_RANK_KEY]  # UCE + 1 epoch: rank 30 < d / 2 = 32
+    assert saved["edits"] == 2 and saved["left"].shape == (64, 30)
+    # Resumed at its end (nothing left to run), the K/V written from the checkpoint are those of the uninterrupted
+    # run after epoch 0 to the bit: W + (W L) R^T rounds differently from the dense W M.
+    _, resumed = fit_tiny(wide_pipeline_dir, tmp_path / "b", max_epochs=1, ckpt_path=first)
+    for name, weight in resumed.kv_state().items():
+        assert torch.equal(weight.double(), watch.states[1][name]), name
