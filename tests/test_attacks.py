@@ -402,3 +402,25 @@ def test_unlearndiff_draws_other_timesteps_of_the_trajectory_at_every_step(toy_m
         handle.remove()
     assert len(drawn) == 6 and all(len(set(step)) == 3 for step in drawn)  # 3 distinct timesteps per step
     assert len(set(drawn)) > 1 and len({t for step in drawn for t in step}) > 3  # not the same ones every step
+
+
+def test_ring_a_bell_breeds_from_the_closer_prompts(toy_model_dir):
+    """With no crossover and no mutation the children are copies of their parents: the tournament's winners, so the
+    children lie closer to the target than the population they were drawn from (a search that picked the farther
+    member of each pair would breed away from it)."""
+    context = _context(toy_model_dir, None)
+    item = PromptItem(case_number=0, index=0, prompt="a red circle", seed=3, guidance=5.0)
+    attack = _ring_a_bell(generations=1, mutation_rate=0.0, crossover_rate=0.0)
+    hidden = []
+    encoder = context.pipeline.text_encoder
+    handle = encoder.register_forward_hook(lambda module, args, output: hidden.append(output[0].detach().float()))
+    try:
+        attack.attack(context, [item], 32, 32)
+    finally:
+        handle.remove()
+    target = context.encode([item.prompt])[0].float() + attack.strength * attack.concept_vector(context)
+    elite = max(1, attack.population // 10)
+    population = next(h for h in hidden if len(h) == attack.population)
+    children = next(h for h in hidden if len(h) == attack.population - elite)
+    distance = lambda states: (states - target).pow(2).mean(dim=(1, 2))  # noqa: E731
+    assert float(distance(children).mean()) < float(distance(population).mean())
