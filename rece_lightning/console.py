@@ -59,14 +59,23 @@ def _round_description(trainer) -> str:
     return f"round {trainer.current_epoch + 1}/{total}"
 
 
-class RoundsRichProgressBar(RichProgressBar):
+class _NoVersion:
+    """Drops the logger's version number (``v_num``) from the bar: the fit prints where its logs go."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class RoundsRichProgressBar(_NoVersion, RichProgressBar):
     """Lightning's rich bar, its training line reading "round k/N" (1-based)."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         return _round_description(self.trainer)
 
 
-class RoundsTQDMProgressBar(TQDMProgressBar):
+class RoundsTQDMProgressBar(_NoVersion, TQDMProgressBar):
     """Lightning's tqdm bar, its training line reading "round k/N" (1-based)."""
 
     def on_train_epoch_start(self, trainer, *args) -> None:

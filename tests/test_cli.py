@@ -64,16 +64,27 @@ def test_config_parses_against_the_code_and_is_headed_by_its_command(
 
 
 @pytest.mark.slow  # end to end
-def test_smoke_config_runs_the_whole_loop(tmp_path, monkeypatch):
+def test_smoke_config_runs_the_whole_loop_and_prints_what_is_worth_reading(
+    tmp_path, monkeypatch, capfd, caplog, recwarn
+):
+    import logging
+
     config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
     monkeypatch.chdir(tmp_path)
     tokenizer = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
     args = ["fit", "--config", str(config)]
     if tokenizer.is_dir():
         args.append(f"--model.tiny_pipeline_tokenizer={tokenizer}")
+    caplog.set_level(logging.INFO)
     cli = cli_main(args)
     assert cli.model.rece_epochs_done == cli.trainer.max_epochs
     assert list(tmp_path.glob("runs/smoke/**/erased/rece_kv.safetensors"))
+    printed = capfd.readouterr()
+    said = printed.out + printed.err + caplog.text + "\n".join(str(w.message) for w in recwarn)
+    for noise in ("litlogger", "configure_optimizers", "Total params", "accelerate", "torchvision", "Epoch ", "v_num"):
+        assert noise not in said, noise
+    assert f"round {cli.trainer.max_epochs}/{cli.trainer.max_epochs}" in said  # 1-based, of max_epochs
+    assert "derive-erase rounds after the UCE edit; logs in" in said
 
 
 def test_user_overrides_reach_the_module():
@@ -377,3 +388,24 @@ def test_an_uncached_hub_model_offline_stops_in_one_line(monkeypatch, tmp_path, 
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "'CompVis/stable-diffusion-v1-4' is not in the Hugging Face cache" in errors[0]
     assert "Traceback" not in stderr
+
+
+def test_max_steps_alone_is_accepted_by_the_command_line_as_the_number_of_rounds(tiny_pipeline_dir, tmp_path):
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            f"--model.pretrained_model_name_or_path={tiny_pipeline_dir}",
+            f"--model.export_dir={tmp_path / 'erased'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_checkpointing=false",
+            "--selector=null",
+            "--trainer.max_epochs=null",
+            "--trainer.max_steps=2",
+        ]
+    )
+    assert cli.model.rece_epochs_done == 2 and (tmp_path / "erased" / "rece_kv.safetensors").is_file()
