@@ -108,3 +108,22 @@ def unedited_toy_export(toy_pipeline, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("unedited_toy") / "export"
     save_erased(folder, diffusion.kv_weights(toy_pipeline.unet), {"method": "none", "base_model": "toyworld-sd"})
     return folder
+
+
+def prompt_frame(case_numbers, seeds=None):
+    """A selected prompt set as ``read_prompt_csv`` returns it: prompt ``p<case>`` per case number."""
+    import pandas as pd
+
+    cases = list(case_numbers)
+    return pd.DataFrame(
+        {
+            "prompt": [f"p{c}" for c in cases],
+            "case_number": cases,
+            "seed": list(seeds) if seeds is not None else list(range(len(cases))),
+            "guidance": 7.5,
+            "categories": "",
+            "artist": "",
+            "height": None,
+            "width": None,
+        }
+    )

@@ -10,6 +10,7 @@ import torch
 
 from rece_lightning.data import PromptDataset, UnpaddedDistributedSampler
 from rece_lightning.distributed import check_replicated, sharded_map
+from tests.conftest import prompt_frame
 
 
 class _Strategy:
@@ -85,20 +86,7 @@ def test_check_replicated_catches_a_state_that_differs_on_one_rank():
 
 
 def test_the_prompt_sampler_splits_whole_prompts_when_they_do_not_divide():
-    import pandas as pd
-
-    frame = pd.DataFrame(
-        {
-            "prompt": [f"p{i}" for i in range(5)],
-            "case_number": [10, 11, 12, 13, 14],
-            "seed": range(5),
-            "guidance": 7.5,
-            "categories": "",
-            "artist": "",
-            "height": None,
-            "width": None,
-        }
-    )
+    frame = prompt_frame([10, 11, 12, 13, 14])
     dataset = PromptDataset(frame, images_per_prompt=3)
     shards = [list(UnpaddedDistributedSampler(dataset, num_replicas=2, rank=r)) for r in range(2)]
     cases = [[dataset.items[i].case_number for i in shard] for shard in shards]

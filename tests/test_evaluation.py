@@ -28,7 +28,7 @@ from rece_lightning.evaluation.nudity import TABLE1_CLASSES
 from rece_lightning.evaluation.registry import EvaluationMetric, register_metric
 from rece_lightning.evaluation.scoring import ImageScorer
 from rece_lightning.evaluation.standard_metrics import AttackSuccessRate, CachedDetections
-from tests.conftest import datasets_or_skip, fit_tiny
+from tests.conftest import datasets_or_skip, fit_tiny, prompt_frame
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"num_inference_steps": 2, "height": 32, "width": 32}
@@ -404,20 +404,7 @@ def test_unpadded_sampler_gives_every_prompt_to_exactly_one_rank_and_a_placehold
     odd = [list(UnpaddedDistributedSampler(list(range(7)), num_replicas=2, rank=r)) for r in range(2)]
     assert sorted(odd[0] + odd[1]) == list(range(7)) and len(odd[0]) == 4 and len(odd[1]) == 3
 
-    import pandas as pd
-
-    frame = pd.DataFrame(
-        {
-            "case_number": [10, 11],
-            "prompt": ["a", "b"],
-            "seed": [1, 2],
-            "guidance": [7.5, 7.5],
-            "categories": "",
-            "artist": "",
-            "height": None,
-            "width": None,
-        }
-    )
+    frame = prompt_frame([10, 11], seeds=[1, 2])
     prompts = PromptDataset(frame, images_per_prompt=3)
     shards = [list(UnpaddedDistributedSampler(prompts, num_replicas=3, rank=r)) for r in range(3)]
     assert shards == [[0, 1, 2], [3, 4, 5], [PLACEHOLDER_INDEX]]  # a prompt's images stay together

@@ -266,19 +266,22 @@ def test_true_half_precision_is_refused_before_it_casts_the_float64_state(
         trainer.fit(module)
 
 
-def test_mixed_precision_leaves_the_float64_state_alone(tiny_pipeline_dir, tmp_path):
-    _, plain = fit_tiny(tiny_pipeline_dir, tmp_path / "plain", max_epochs=1, export_dir=None)
-    module = RECEModule(str(tiny_pipeline_dir), export_dir=None)
-    trainer = pl.Trainer(
+def _bare_trainer(root, **options) -> pl.Trainer:
+    """A Trainer that writes nothing and shows nothing."""
+    return pl.Trainer(
         accelerator="cpu",
-        precision="bf16-mixed",
-        max_epochs=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
-        default_root_dir=tmp_path,
+        default_root_dir=root,
+        **options,
     )
-    trainer.fit(module)
+
+
+def test_mixed_precision_leaves_the_float64_state_alone(tiny_pipeline_dir, tmp_path):
+    _, plain = fit_tiny(tiny_pipeline_dir, tmp_path / "plain", max_epochs=1, export_dir=None)
+    module = RECEModule(str(tiny_pipeline_dir), export_dir=None)
+    _bare_trainer(tmp_path, precision="bf16-mixed", max_epochs=1).fit(module)
     assert module.transform.dtype == torch.float64
     assert torch.equal(module.transform, plain.transform)
 
@@ -343,15 +346,7 @@ def test_the_thin_branches_match_the_per_matrix_reference_at_non_default_setting
 
 def test_max_steps_alone_counts_rounds(tiny_pipeline_dir, tmp_path):
     module = RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module)
+    _bare_trainer(tmp_path, max_steps=2).fit(module)
     assert module.rece_epochs_done == 2
 
 
