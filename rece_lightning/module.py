@@ -263,6 +263,7 @@ class RECEModule(pl.LightningModule):
                     f"the checkpoint's transform is {tuple(self.transform.shape)} but this pipeline's K/V matrices "
                     f"take d={gram.shape[0]} inputs: it was made for another base model"
                 )
+            self._check_checkpoint_base()
             for name in (TRANSFORM_KEY, "hessian", "edits_applied"):
                 self.register_buffer(name, getattr(self, name).to(device))
             eye = torch.eye(*gram.shape, dtype=torch.float64, device=device)
@@ -481,8 +482,21 @@ class RECEModule(pl.LightningModule):
             checkpoint[LOW_RANK_KEY] = {"edits": edits, "left": left.to("cpu"), "right": right.to("cpu")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_base = checkpoint.get(BASE_IDENTITY_KEY)
+        if self.pipeline is not None:  # resuming a fit: the base is loaded already
+            self._check_checkpoint_base()
         saved = checkpoint.get(LOW_RANK_KEY)
         self._factors = None if saved is None else (saved["edits"], saved["left"], saved["right"])
+
+    def _check_checkpoint_base(self) -> None:
+        """Refuse a checkpoint's state on other base weights than it was made from (it would compound or misfit)."""
+        recorded = getattr(self, "_checkpoint_base", None)
+        if recorded is not None and recorded != self.base_identity:
+            raise ValueError(
+                f"the checkpoint was made from other base weights (K/V identity {recorded[:12]}…) than "
+                f"{self.hparams.pretrained_model_name_or_path!r} holds ({self.base_identity[:12]}…): load the base it "
+                "was made from"
+            )
 
     def _current_factors(self) -> tuple[Tensor | None, Tensor | None]:
         """The low-rank factors of the current transform, if they are known for this very state."""

@@ -363,6 +363,11 @@ def test_load_from_checkpoint_gives_the_weights_load_erased_gives(tiny_pipeline_
     assert not all(torch.equal(w, fitted.original_kv[n]) for n, w in expected.items())
     for name, weight in restored.kv_state().items():
         assert torch.equal(weight, expected[name]), name
+    # on another base of the same shapes the restored state is refused, not written
+    other = diffusion.build_tiny_pipeline(tmp_path / "other", seed=1)
+    again = RECEModule.load_from_checkpoint(path)
+    with pytest.raises(ValueError, match="the checkpoint was made from other base weights"):
+        again.attach_pipeline(diffusion.load_pipeline(str(other)))
 
 
 def test_a_regulariser_that_makes_the_edit_nothing_is_refused_and_an_empty_edit_warns(tiny_pipeline_dir):
