@@ -19,13 +19,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from rece_lightning.diffusion import EncodedPrompt
-from rece_lightning.export import atomic_write
+from rece_lightning.export import atomic_write, kv_digest
 
 __all__ = ["BaseModelCache", "kv_fingerprint"]
 
@@ -34,15 +33,9 @@ MEMORY_MODELS = 2  # base models kept in memory at once (an SDXL entry with 1000
 
 
 def kv_fingerprint(weights: Mapping[str, Tensor]) -> str:
-    """sha256 of K/V weights: names, dtypes, shapes and bytes, in name order (no copy of CPU tensors). Keys this
-    cache and names the evaluation's image sets."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        tensor = weights[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(memoryview(tensor.view(torch.uint8).numpy()))
-    return digest.hexdigest()
+    """sha256 of K/V weights as they are (names, dtypes, shapes, bytes; :func:`~rece_lightning.export.kv_digest`).
+    Keys this cache and names the evaluation's image sets."""
+    return kv_digest(weights)
 
 
 def _encoder_signature(pipeline) -> str:

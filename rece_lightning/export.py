@@ -45,6 +45,7 @@ __all__ = [
     "ErasedFile",
     "apply_erased",
     "atomic_write",
+    "kv_digest",
     "kv_identity",
     "check_base_identity",
     "check_pipeline_export_folder",
@@ -69,22 +70,27 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def kv_digest(weights: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> str:
+    """sha256 of K/V weights: names, dtypes, shapes and bytes, in name order (no copy of CPU tensors in their own
+    dtype); with ``dtype``, of the weights cast to it."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().to("cpu", dtype or weights[name].dtype).contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def kv_identity(weights: Mapping[str, Tensor]) -> str:
-    """Which K/V weights these are, whatever dtype they were loaded in: a sha256 of their names, shapes and float16
-    values, in name order.
+    """Which K/V weights these are, whatever dtype they were loaded in: :func:`kv_digest` of their float16 values.
 
     An export records the identity of the base K/V it was made from (and of the K/V it produces), so that applying it
     to another base model (SD 1.4's edit on SD 1.5), or twice, is refused. Hashing float16 values makes the identity
     the same for a base loaded in float32, float16 or float64; a base loaded in bfloat16 rounds differently and has
     another identity (``allow_other_base`` applies the edit anyway).
     """
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        tensor = weights[name].detach().to("cpu", torch.float16).contiguous()
-        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(memoryview(tensor.view(torch.uint8).numpy()))
-    return digest.hexdigest()
+    return kv_digest(weights, torch.float16)
 
 
 def _read_umask() -> int:
