@@ -104,7 +104,6 @@ class RECECLI(LightningCLI):
     def before_fit(self) -> None:
         from rece_lightning.module import RECEModule
 
-        self._check_ckpt_path()
         silence_known_noise(resuming=self.config["fit"].get("ckpt_path") is not None)
         if isinstance(self.model, RECEModule):
             # Lightning turns an unset max_epochs into 1000 before any module hook runs: check the user's value here.
@@ -148,18 +147,6 @@ class RECECLI(LightningCLI):
                 rank_zero_info(f"Resuming from {ckpt_path}: logs continue in {parent}")
                 return
         rank_zero_info(f"Resuming from {ckpt_path} (outside {runs}): logs go to a new folder, {logger.log_dir}")
-
-    def before_test(self) -> None:
-        self._check_ckpt_path()
-
-    def _check_ckpt_path(self) -> None:
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if (
-            ckpt_path is not None
-            and ckpt_path not in ("last", "best", "hpc", "registry")
-            and not os.path.isfile(ckpt_path)
-        ):
-            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist: give a checkpoint file to resume from")
 
 
 def _init_defaults(cls) -> dict:
