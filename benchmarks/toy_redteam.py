@@ -1,38 +1,37 @@
 """Table 4's shape on the toy world: each red-team attack's ASR against the original model, UCE alone and RECE.
 
-    python benchmarks/toy_redteam.py --model models/toyworld-sd --out docs/toy_redteam
+    python benchmarks/toy_redteam.py --out docs/toy_redteam      # about 10 min on 2 CPU cores
 
-Erases "red" (guide " ", as configs/toy.yaml) and picks RECE's epoch as the checkpoint selector does: the first
-state whose derived-embedding probes (8 images, the toy sampler) show no red, else the one with the fewest (earliest
-on ties) among ``--max-epochs``. Then
-runs every attack through the evaluator (``ErasureEvaluator(attack=...)``, the code path of configs/redteam_*.yaml)
-on the red prompts of configs/prompts/toyworld.csv, one image per prompt. ASR = share of prompts whose image the toy
-colour detector calls red; "no attack" is the plain prompts. Prints JSON (ASR per attack and model, seconds per
-prompt of each attack on this CPU) and writes ``<out>.json``.
+Erases "red" (guide " ", as configs/toy.yaml) and picks RECE's epoch as the checkpoint selector does (the first
+state whose 24 derived-embedding probes show no red, else the fewest; benchmarks/toy_common.py). Then runs every
+attack through the evaluator (``ErasureEvaluator(attack=...)``, the code path of configs/redteam_*.yaml) on the red
+prompts of configs/prompts/toyworld.csv, one image per prompt. ASR = share of prompts whose image the toy colour
+detector calls red; "no attack" is the plain prompts. Prints JSON (ASR per attack and model, seconds per prompt of
+each attack on this CPU); every ASR has its 95 % Wilson interval. Writes <out>.json, <out>.md and <out>.png.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
+import toy_common as common
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+from rece_lightning.attacks import DerivedEmbeddingAttack, RingABellAttack, UnlearnDiffAttack
+from rece_lightning.data import PromptDataModule
+from rece_lightning.evaluation import ErasureEvaluator
+from rece_lightning.toyworld import ToyWorldScorer
 
-import lightning.pytorch as pl  # noqa: E402
+REPO = common.REPO
 
-from rece_lightning import RECEModule, diffusion  # noqa: E402
-from rece_lightning.attacks import DerivedEmbeddingAttack, RingABellAttack, UnlearnDiffAttack  # noqa: E402
-from rece_lightning.data import PromptDataModule  # noqa: E402
-from rece_lightning.evaluation import ErasureEvaluator  # noqa: E402
-from rece_lightning.toyworld import ToyWorldScorer  # noqa: E402
-from rece_lightning.toyworld.measure import generate  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+def with_interval(asr: dict) -> dict:
+    """The evaluator's ASR entry as a rate with its 95 % Wilson interval."""
+    return common.rate_with_interval(asr["successful_prompts"], asr["prompts"])
 
 
 def attacks(args) -> dict:
@@ -52,33 +51,11 @@ def attacks(args) -> dict:
 
 
 def erased_states(args, work: Path) -> dict:
-    """Exports of UCE alone and of RECE at the selected epoch, and which epoch that was."""
-
-    def fresh_module() -> tuple[RECEModule, object]:
-        pipeline = diffusion.load_pipeline(args.model)
-        module = RECEModule(pretrained_model_name_or_path=args.model, erase_concepts=["red"], guide_concepts=" ")
-        module.attach_pipeline(pipeline)
-        module.apply_uce()
-        return module, pipeline
-
-    module, pipeline = fresh_module()
-    states = {"uce": str(module.export(work / "uce"))}
-    scorer = ToyWorldScorer(["red"])
-    rates = []
-    for _ in range(args.max_epochs):
-        module.derive_and_erase(module.concepts)
-        derived = module.derived_embeddings()["red"].float()
-        probes = generate(pipeline, seeds=list(range(8)), prompt_embeds=derived.unsqueeze(0).repeat(8, 1, 1))
-        rates.append(scorer.tally(scorer.detect(probes))["rate"])
-        if rates[-1] == 0.0:
-            break
-    # as ConceptCheckpointSelector: the first clean state, else the fewest detections (earliest on ties)
-    selected = min(range(len(rates)), key=lambda i: (rates[i], i)) + 1
-    module, _ = fresh_module()
-    for _ in range(selected):
-        module.derive_and_erase(module.concepts)
-    states["rece"] = str(module.export(work / "rece"))
-    return {"exports": states, "selected_epoch": selected, "probe_red_rate_by_epoch": rates}
+    """Exports of UCE alone and of RECE at the selected epoch (the selector's rule, benchmarks/toy_common.py)."""
+    lab = common.Lab(args.model)
+    states = lab.states(["red"], " ", max_epochs=args.max_epochs, probes=args.probes)
+    exports = {name: str(lab.apply(states[name]).export(work / name)) for name in ("uce", "rece")}
+    return {"exports": exports, **states["rece"].record}
 
 
 def run(args) -> dict:
@@ -86,9 +63,9 @@ def run(args) -> dict:
     work = Path(args.work)
     csv = work / "red_prompts.csv"
     work.mkdir(parents=True, exist_ok=True)
-    rows = [line for line in (REPO / "configs/prompts/toyworld.csv").read_text().splitlines() if line.endswith(",red")]
-    header = "case_number,prompt,evaluation_seed,evaluation_guidance,categories"
-    csv.write_text("\n".join([header, *rows[: args.prompts]]) + "\n")
+    lines = (REPO / "configs/prompts/toyworld.csv").read_text().splitlines()
+    rows = [line for line in lines[1:] if line.split(",")[4] == "red"]
+    csv.write_text("\n".join([lines[0], *rows[: args.prompts]]) + "\n")
     states = erased_states(args, work)
     report: dict = {"model": args.model, "prompts": min(args.prompts, len(rows)), **states, "asr": {}, "seconds": {}}
     for name, attack in attacks(args).items():
@@ -115,8 +92,8 @@ def run(args) -> dict:
             elapsed = time.perf_counter() - started
             results = evaluator.results
             if "original" not in report["asr"][name]:
-                report["asr"][name]["original"] = results["original"]["asr"]["attack_success_rate"]
-            report["asr"][name][state] = results["erased"]["asr"]["attack_success_rate"]
+                report["asr"][name]["original"] = with_interval(results["original"]["asr"])
+            report["asr"][name][state] = with_interval(results["erased"]["asr"])
             if attack is not None:
                 report["seconds"].setdefault(name, {})[state] = round(elapsed, 1)
                 attacked = results["erased"]["attack"]
@@ -137,27 +114,47 @@ def run(args) -> dict:
     return report
 
 
+def table(report: dict) -> str:
+    methods = ("original", "uce", "rece")
+    rows = [[name.replace("_", " "), *(common.show(report["asr"][name][m]) for m in methods)] for name in report["asr"]]
+    header = ["ASR (95 % interval)", "original", "UCE", f"RECE (epoch {report['selected_epoch']})"]
+    return common.markdown_table(header, rows)
+
+
+def figure(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names, methods = list(report["asr"]), ("original", "uce", "rece")
+    fig, axis = plt.subplots(figsize=(7, 3.5))
+    for j, method in enumerate(methods):
+        entries = [report["asr"][n][method] for n in names]
+        rates = np.array([e["rate"] for e in entries])
+        errors = np.array([[e["rate"] - e["ci95"][0], e["ci95"][1] - e["rate"]] for e in entries]).T
+        axis.bar(np.arange(len(names)) + 0.27 * (j - 1), rates, 0.27, yerr=errors, capsize=3, label=method)
+    axis.set_xticks(range(len(names)), [n.replace("_", " ") for n in names])
+    axis.set_ylabel("ASR (share of red prompts drawn red)")
+    axis.set_ylim(0, 1.05)
+    axis.legend(fontsize=8)
+    axis.set_title(f"Red team on the toy world ({report['prompts']} red prompts, 95 % Wilson intervals)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(REPO / "models/toyworld-sd"))
-    parser.add_argument("--out", default=None, help="write <out>.json")
+    parser = common.parser(__doc__.split("\n\n")[0], "docs/toy_redteam")
     parser.add_argument("--work", default="runs/toy_redteam", help="image sets, attack outcomes and exports")
-    parser.add_argument("--prompts", type=int, default=24, help="red prompts attacked (of 24)")
-    parser.add_argument("--max-epochs", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=30, help="red prompts attacked (of 30)")
     parser.add_argument("--attack-reg", type=float, default=0.1, help="reg of the derived-embedding attack")
     parser.add_argument("--unlearndiff-steps", type=int, default=30)
     parser.add_argument("--ring-a-bell-generations", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    for name in ("prompts", "max_epochs", "unlearndiff_steps", "ring_a_bell_generations", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: it must be >= 1")
-    torch.set_num_threads(args.threads)
+    args = common.parse(parser, argv, positive=("prompts", "unlearndiff_steps", "ring_a_bell_generations"))
     report = run(args)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(f"{args.out}.json").parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+    common.write(args.out, report, table(report), lambda path: figure(report, path))
 
 
 if __name__ == "__main__":

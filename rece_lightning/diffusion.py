@@ -146,10 +146,10 @@ def check_downloadable(name_or_path: str) -> None:
 
 def load_tokenizer(name_or_path: str):
     """The pipeline's tokenizer alone: cheap, so prompts can be checked before the models load."""
-    from transformers import CLIPTokenizer
+    from transformers import AutoTokenizer
 
     check_downloadable(name_or_path)
-    return CLIPTokenizer.from_pretrained(os.path.expanduser(name_or_path), subfolder="tokenizer")
+    return AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), subfolder="tokenizer")
 
 
 def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
@@ -316,6 +316,16 @@ class EncodedPrompt:
 def token_count(tokenizer, text: str) -> int:
     """Number of tokens of ``text`` including BOS and EOS, without truncation."""
     return len(tokenizer(text, truncation=False).input_ids)
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The words of ``text`` that ``tokenizer`` reads as its unknown token (a word-level tokenizer's words outside
+    its vocabulary, such as the toy model's); always empty for CLIP's byte-level BPE, which has no unknown token
+    apart from EOS."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk in {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}:
+        return []
+    return [word for word in text.split() if unk in tokenizer(word, add_special_tokens=False).input_ids]
 
 
 ENCODE_BATCH = 64  # prompts per text-encoder call: thousands of concepts encode in batches, not all at once

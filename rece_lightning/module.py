@@ -208,7 +208,7 @@ class RECEModule(pl.LightningModule):
                 rank_zero_warn(f"tiny_pipeline_tokenizer={tokenizer!r} holds no vocab.json: training a small BPE")
                 tokenizer = None
             diffusion.build_tiny_pipeline(path, tokenizer=tokenizer, architecture=self.hparams.tiny_architecture)
-        self._check_prompt_lengths(diffusion.load_tokenizer(path))
+        self._check_prompts(diffusion.load_tokenizer(path))
         self.attach_pipeline(diffusion.load_pipeline(path, dtype=self.weight_dtype))
 
     @staticmethod
@@ -293,9 +293,17 @@ class RECEModule(pl.LightningModule):
             self._base_identity = kv_identity(self.original_kv)
         return self._base_identity
 
-    def _check_prompt_lengths(self, tokenizer) -> None:
+    def _check_prompts(self, tokenizer) -> None:
+        """Every concept, guide and preserved prompt fits the text encoder and is made of words its tokenizer knows."""
         limit = tokenizer.model_max_length
         for prompt in self.concepts.prompts:
+            unknown = diffusion.unknown_words(tokenizer, prompt)
+            if unknown:
+                raise ValueError(
+                    f"concept {prompt!r}: the tokenizer of {self.hparams.pretrained_model_name_or_path!r} does not "
+                    f"know {unknown} (it reads them as {tokenizer.unk_token!r}, so the edit would erase that token): "
+                    f"use words of its vocabulary ({len(tokenizer)} tokens)"
+                )
             count = diffusion.token_count(tokenizer, prompt)
             if count > limit:
                 raise ValueError(

@@ -25,6 +25,7 @@ from rece_lightning.evaluation import metrics as image_metrics
 from rece_lightning.evaluation.nudity import TABLE1_NAMES
 from rece_lightning.evaluation.registry import COMPARISON, EvaluationMetric, register_metric, same_size_groups
 from rece_lightning.evaluation.scoring import ImageScorer
+from rece_lightning.evaluation.statistics import wilson_interval
 
 if TYPE_CHECKING:
     from rece_lightning.evaluation.module import ErasureEvaluator
@@ -161,6 +162,7 @@ class AttackSuccessRate(_Counts):
                     "attack_success_rate": successes / total if total else 0.0,
                     "successful_prompts": successes,
                     "prompts": total,
+                    "ci95": list(wilson_interval(successes, total)) if total else None,
                     "unsafe_images": self._total(variant, "unsafe_images"),
                     "images": self._total(variant, "images"),
                     "threshold": self.threshold,

@@ -5,11 +5,10 @@ They play NudeNet's part on the toy model: :class:`ToyWorldScorer` is an
 NudeNet's place. :func:`predict` gives the full labels of an image (for accuracy figures).
 
 * Foreground: pixels far from the background's grey (estimated from the image border).
-* Colour: each saturated foreground pixel votes by hue; a colour's score is its share of the votes. An object with
-  few saturated pixels is grey (the world's unnamed colour).
-* Shape: on the largest foreground blob, how much of its bounding box it fills (square ~1, circle ~pi/4) and how
-  its width grows from top to bottom (a triangle's top quarter holds ~1/7 of its bottom quarter's pixels).
-* Texture: the contrast between the object's dark and light rows (striped ~1/2, plain ~0).
+* Colour: each saturated foreground pixel votes for the colour whose hue is nearest its own; a colour's score is its
+  share of the votes. An object with few saturated pixels is grey (the world's unnamed colour).
+* Shape: the largest foreground blob against each shape drawn in the blob's bounding box; the best overlap (IoU) wins.
+* Texture: the contrast between the object's dark and light rows (striped), and within its rows (checkered).
 """
 
 from __future__ import annotations
@@ -22,21 +21,14 @@ import numpy as np
 
 from rece_lightning.evaluation.nudity import to_uint8
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes
-from rece_lightning.toyworld.world import COLOURS, NEUTRAL, OBJECT_COLOURS, SHAPES, TEXTURES
+from rece_lightning.toyworld.world import COLOURS, HUES, NEUTRAL, OBJECT_COLOURS, SHAPES, TEXTURES, shape_mask
 
 CLASSES: tuple[str, ...] = (*OBJECT_COLOURS, *SHAPES, *TEXTURES)
-# Hue bands in degrees (OpenCV's hue is degrees / 2); red wraps around 0.
-_HUE_BANDS: dict[str, tuple[tuple[float, float], ...]] = {
-    "red": ((0.0, 22.0), (300.0, 360.0)),
-    "yellow": ((22.0, 80.0),),
-    "green": ((80.0, 175.0),),
-    "blue": ((175.0, 300.0),),
-}
 MIN_FOREGROUND = 0.015  # below this share of the image there is no object to label
 FOREGROUND_DISTANCE = 45  # max per-channel distance (0..255) from the background that makes a pixel foreground
 MIN_SATURATION = 0.35  # pixels less saturated than this vote for no colour
 NEUTRAL_BELOW = 0.25  # an object with fewer saturated pixels than this share of its own is grey
-STRIPED_FROM = 0.3  # row contrast from which an object counts as striped
+TEXTURED_FROM = 0.3  # contrast between dark and light rows (striped) or within rows (checkered) from which it counts
 
 
 @dataclass(frozen=True)
@@ -63,12 +55,11 @@ def _colour_shares(image: np.ndarray, foreground: np.ndarray) -> tuple[dict[str,
     saturation = hsv[..., 1] / 255.0
     voters = foreground & (saturation >= MIN_SATURATION)
     total = int(voters.sum())
-    shares = {}
-    for colour, bands in _HUE_BANDS.items():
-        in_band = np.zeros_like(voters)
-        for low, high in bands:
-            in_band |= (hue >= low) & (hue < high)
-        shares[colour] = float((in_band & voters).sum()) / total if total else 0.0
+    centres = np.array([HUES[c] for c in COLOURS])
+    distance = np.abs(hue[voters][:, None] - centres[None, :])
+    nearest = np.argmin(np.minimum(distance, 360.0 - distance), axis=1)
+    counts = np.bincount(nearest, minlength=len(centres))
+    shares = {colour: float(counts[i]) / total if total else 0.0 for i, colour in enumerate(COLOURS)}
     return shares, total / max(int(foreground.sum()), 1)
 
 
@@ -81,27 +72,39 @@ def _largest_blob(foreground: np.ndarray) -> np.ndarray:
 
 
 def _shape(blob: np.ndarray) -> str:
+    """The shape whose mask, drawn in the blob's bounding box, overlaps the blob best."""
     rows = np.flatnonzero(blob.any(axis=1))
     cols = np.flatnonzero(blob.any(axis=0))
-    top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
-    box = blob[top : bottom + 1, left : right + 1]
-    fill = box.mean()
-    quarter = max(box.shape[0] // 4, 1)
-    top_pixels, bottom_pixels = box[:quarter].sum(), box[-quarter:].sum()
-    if top_pixels < 0.5 * bottom_pixels:
-        return "triangle"
-    return "square" if fill > 0.89 else "circle"
+    cy, cx = (rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2
+    half = (rows[-1] - rows[0] + cols[-1] - cols[0] + 2) / 4
+    y, x = np.mgrid[0 : blob.shape[0], 0 : blob.shape[1]] + 0.5
+    overlaps = {}
+    for shape in SHAPES:
+        mask = shape_mask(shape, x, y, cx, cy, half)
+        overlaps[shape] = (mask & blob).sum() / max((mask | blob).sum(), 1)
+    return max(overlaps, key=overlaps.get)
 
 
-def _texture(image: np.ndarray, blob: np.ndarray) -> tuple[str, float]:
-    """Stripes are horizontal: contrast between the object's darkest and lightest rows (striped ~0.5, plain ~0)."""
+def _contrast(values: np.ndarray) -> float:
+    return float(1.0 - np.percentile(values, 10) / max(np.percentile(values, 90), 1.0))
+
+
+def _texture(image: np.ndarray, blob: np.ndarray) -> tuple[str, float, float]:
+    """Stripes are horizontal: contrast between the object's darkest and lightest rows (striped ~0.5, plain ~0);
+    checks alternate along each row too: the median contrast within a row (checkered ~0.5, striped and plain ~0)."""
+    inner = cv2.erode(blob.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)  # edges blend into the background
+    if inner.sum() < 8:
+        inner = blob
     brightness = image.max(axis=-1).astype(np.float32)
-    rows = [brightness[r][blob[r]].mean() for r in range(blob.shape[0]) if blob[r].sum() >= 2]
-    rows = rows[1:-1] if len(rows) > 3 else rows  # edge rows are anti-aliased towards the background
-    if not rows:
-        return "plain", 0.0
-    contrast = float(1.0 - np.percentile(rows, 10) / max(np.percentile(rows, 90), 1.0))
-    return ("striped" if contrast >= STRIPED_FROM else "plain"), contrast
+    lines = [brightness[r][inner[r]] for r in range(inner.shape[0]) if inner[r].sum() >= 2]
+    if not lines:
+        return "plain", 0.0, 0.0
+    between = _contrast(np.array([line.mean() for line in lines]))
+    wide = [line for line in lines if line.size >= 6]
+    within = float(np.median([_contrast(line) for line in wide])) if wide else 0.0
+    if within >= TEXTURED_FROM:
+        return "checkered", between, within
+    return ("striped" if between >= TEXTURED_FROM else "plain"), between, within
 
 
 def predict(image: np.ndarray) -> Prediction:
@@ -119,7 +122,7 @@ def predict(image: np.ndarray) -> Prediction:
     else:  # anti-aliased edges and sampler artefacts leave a grey object a few saturated pixels
         colour, shares = NEUTRAL, dict.fromkeys(COLOURS, 0.0)
     blob = _largest_blob(foreground)
-    texture, _ = _texture(pixels, blob)
+    texture, _, _ = _texture(pixels, blob)
     return Prediction(colour, _shape(blob), texture, shares, share)
 
 

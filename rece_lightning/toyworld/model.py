@@ -2,7 +2,7 @@
 
 ``AutoencoderKL`` (32 px RGB -> 8 x 8 x 4 latents), a 2-layer causal ``CLIPTextModel`` of width 128 (trained with
 the U-Net: a frozen random encoder of this width confused red with yellow and green with blue after the same
-training), a word-level BPE tokenizer in CLIP's format, a
+training), a word-level tokenizer with CLIP's special tokens, a
 ``UNet2DConditionModel`` with cross-attention at both resolutions and in the middle block, and DDPM / DDIM schedulers
 with Stable Diffusion's beta schedule. Saved with ``save_pretrained``, it loads with
 ``StableDiffusionPipeline.from_pretrained(folder)`` like any SD checkpoint.
@@ -10,17 +10,16 @@ with Stable Diffusion's beta schedule. Saved with ``save_pretrained``, it loads 
 
 from __future__ import annotations
 
-import tempfile
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rece_lightning.diffusion import train_small_bpe
-from rece_lightning.toyworld.world import all_prompts
+from rece_lightning.toyworld.world import vocabulary
 
 TEXT_WIDTH = 128
-# Captions are at most 9 tokens; 16 positions (SD has 77) keep the text width well above the rows one edit touches
+# Captions are at most 15 tokens; 16 positions (SD has 77) keep the text width well above the rows one edit touches
 # (d / T = 8 here, about 10 in SD 1.x), so erasing one word leaves room for the others, and halve the training time.
 MAX_TOKENS = 16
 # Default sampling of the toy model (its model card and the configs use these): DDIM, 20 steps, guidance 5, 32 px.
@@ -28,8 +27,15 @@ NUM_INFERENCE_STEPS = 20
 GUIDANCE_SCALE = 5.0
 RESOLUTION = 32
 BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
-EMBEDDING_SCALE = 0.1  # per-coordinate std of the fixed position vectors and of the initial token vectors
-EXTRA_WORDS = "a an the of in on with photo picture image drawing painting art style purple orange nudity"
+EMBEDDING_SCALE = 0.1  # per-coordinate std of the fixed position vectors
+# Per-coordinate std of the (frozen) token vectors: three times the positions', so that a word's identity reaches the
+# rows after it through the random encoder (cosine of the rows of 'a red circle' and 'a crimson circle': 0.54-0.96,
+# against 0.93-0.97 at 0.1, where a prompt's rows are nearly one vector).
+TOKEN_EMBEDDING_SCALE = 0.3
+# Words no caption uses but configs and tests do (the artists' guide "art", a concept of another world)
+EXTRA_WORDS = "with painting art style nudity"
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 
 
 @dataclass
@@ -43,13 +49,29 @@ class ToyComponents:
 
 
 def build_tokenizer():
-    """A CLIP-format BPE in which every word of the toy world's captions is one token; pads to ``MAX_TOKENS``."""
-    from transformers import CLIPTokenizer
+    """A word-level tokenizer of the toy world's words (``tokenizers``' ``WordLevel``), CLIP's special tokens and
+    padding: BOS, the words, EOS, then EOS padding to ``MAX_TOKENS``. A word outside the world is ``<|unk|>``, a token
+    of its own, so that a prompt the model cannot read is refused (``diffusion.check_known_words``) instead of being
+    encoded as something else."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    with tempfile.TemporaryDirectory() as folder:
-        train_small_bpe(Path(folder), corpus=[*all_prompts(), EXTRA_WORDS], vocab_size=400)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
-    return tokenizer
+    specials = [BOS, EOS, UNK]
+    words = sorted({*vocabulary(), *EXTRA_WORDS.split()})
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate([*specials, *words])}, unk_token=UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, 0), (EOS, 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=UNK,
+        model_max_length=MAX_TOKENS,
+    )
 
 
 def build_components(seed: int = 0) -> ToyComponents:
@@ -72,14 +94,11 @@ def build_components(seed: int = 0) -> ToyComponents:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    # Token and (fixed) position vectors both start at std 0.1 instead of CLIP's 0.02. Tried so that the 16 rows of a
-    # prompt would differ more (they are nearly one vector: effective rank 2.3); they still do not (2.3 again), but
-    # this model follows its prompts better after the same training: colour 100 % / shape 96 % / texture 94 %,
-    # against 95 % / 95 % / 81 % with CLIP's initialisation (one training run each, toyworld.json).
+    # Token and position vectors larger than CLIP's 0.02 (the encoder stays random: training.LatentDiffusionTraining).
     embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
     with torch.no_grad():
         embeddings.position_embedding.weight.normal_(0.0, EMBEDDING_SCALE)
-        embeddings.token_embedding.weight.normal_(0.0, EMBEDDING_SCALE)
+        embeddings.token_embedding.weight.normal_(0.0, TOKEN_EMBEDDING_SCALE)
     embeddings.position_embedding.requires_grad_(False)
     vae = AutoencoderKL(
         in_channels=3,
@@ -135,4 +154,13 @@ def save_pipeline(components: ToyComponents, folder: str | Path) -> Path:
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 names the class of a tokenizers-backed tokenizer TokenizersBackend; PreTrainedTokenizerFast is
+    # the same class under the name transformers 4 knows too.
+    for path, key in (
+        (Path(folder) / "model_index.json", "tokenizer"),
+        (Path(folder) / "tokenizer" / "tokenizer_config.json", "tokenizer_class"),
+    ):
+        config = json.loads(path.read_text())
+        config[key] = ["transformers", TOKENIZER_CLASS] if key == "tokenizer" else TOKENIZER_CLASS
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(folder)

@@ -66,12 +66,16 @@ class VAETraining(pl.LightningModule):
 
 
 class LatentDiffusionTraining(pl.LightningModule):
-    """Noise-prediction training of a ``UNet2DConditionModel`` and its ``CLIPTextModel``, jointly, on fixed latents.
+    """Noise-prediction training of a ``UNet2DConditionModel`` under a ``CLIPTextModel``, on fixed latents.
 
     Args:
         unet: the U-Net to train.
-        text_encoder: the text encoder, trained with it (as CLIP is pretrained for Stable Diffusion, so that a colour
-            word means that colour wherever it stands in a caption).
+        text_encoder: the text encoder. Frozen at its random initialisation when ``text_lr`` is 0 (the default), as
+            Stable Diffusion trains its U-Net under a frozen CLIP: then the words of one colour ("red", "crimson",
+            "the colour of blood") keep embeddings of their own, which the U-Net learns to read alike, and erasing
+            one of them leaves the others something to find. Trained with the U-Net, the encoder maps them onto one
+            direction (an earlier toy model: cosine 0.94 between "a red circle" and "a crimson circle"), so that an
+            edit of "red" erases every synonym and no attack finds anything.
         caption_ids: (P, T) token ids, one row per distinct caption; ``empty_index`` is the row of "".
         scaling_factor: the VAE latent scaling (1 / std of the latents), as ``vae.config.scaling_factor``.
         lr: AdamW learning rate of the U-Net (linear warm-up over ``warmup_steps``); ``text_lr`` the encoder's.
@@ -93,7 +97,7 @@ class LatentDiffusionTraining(pl.LightningModule):
         empty_index: int,
         scaling_factor: float,
         lr: float = 1e-3,
-        text_lr: float = 5e-4,
+        text_lr: float = 0.0,
         warmup_steps: int = 100,
         cfg_dropout: float = 0.1,
         null_share: float = 0.2,
@@ -101,7 +105,11 @@ class LatentDiffusionTraining(pl.LightningModule):
         ema_decay: float = 0.998,
     ) -> None:
         super().__init__()
-        self.networks = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder.train()})
+        if text_lr == 0:
+            text_encoder.eval().requires_grad_(False)
+        else:
+            text_encoder.train()
+        self.networks = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
         # A list keeps the EMA copy out of the optimiser and the checkpoint.
         self.ema = [copy.deepcopy(self.networks).requires_grad_(False)]
         self.register_buffer("caption_ids", caption_ids)
@@ -146,7 +154,7 @@ class LatentDiffusionTraining(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             [
                 {"params": self.networks["unet"].parameters(), "lr": self.lr},
-                {"params": self.networks["text_encoder"].parameters(), "lr": self.text_lr},
+                *([{"params": self.networks["text_encoder"].parameters(), "lr": self.text_lr}] if self.text_lr else []),
             ],
             weight_decay=0.0,
         )
@@ -190,12 +198,13 @@ def train_toy_model(
     output: str | Path,
     *,
     seed: int = 0,
-    num_scenes: int = 20_000,
+    num_scenes: int = 40_000,
     vae_steps: int = 500,
-    unet_steps: int = 3_200,
-    batch_size: int = 32,
+    unet_steps: int = 6_000,
+    batch_size: int = 64,
     log_dir: str | Path = "runs/toyworld",
     measure_images: int = 4,
+    text_lr: float = 0.0,
 ) -> dict:
     """Train the whole toy model, save it to ``output`` and return what ``toyworld.json`` records."""
     started = time.perf_counter()
@@ -224,7 +233,7 @@ def train_toy_model(
     index = {caption: i for i, caption in enumerate(distinct)}
     prompt_index = torch.tensor([index[c] for c in captions])
     training = LatentDiffusionTraining(
-        components.unet, components.text_encoder, caption_ids, len(distinct), scaling_factor
+        components.unet, components.text_encoder, caption_ids, len(distinct), scaling_factor, text_lr=text_lr
     )
     unet_data = DataLoader(
         TensorDataset(mean, std, prompt_index, neutral), batch_size=batch_size, shuffle=True, generator=generator
@@ -246,6 +255,7 @@ def train_toy_model(
         "batch_size": batch_size,
         "grey_share": world.NEUTRAL_SHARE,
         "null_embedding_share_of_grey": training.null_share,
+        "text_encoder": "frozen at its random initialisation" if text_lr == 0 else f"trained, lr {text_lr:g}",
         "min_snr_gamma": training.snr_gamma,
         "vae_scaling_factor": scaling_factor,
         "vae_reconstruction_mse": vae_mse,
@@ -276,10 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder to write the pipeline to (save_pretrained)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-scenes", type=int, default=20_000)
+    parser.add_argument("--num-scenes", type=int, default=40_000)
     parser.add_argument("--vae-steps", type=int, default=500)
-    parser.add_argument("--unet-steps", type=int, default=3_200)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--unet-steps", type=int, default=6_000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--text-lr", type=float, default=0.0, help="text encoder learning rate (0: frozen)")
     parser.add_argument("--log-dir", default="runs/toyworld", help="TensorBoard logs of both training runs")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -298,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         unet_steps=args.unet_steps,
         batch_size=args.batch_size,
         log_dir=args.log_dir,
+        text_lr=args.text_lr,
     )
     print(json.dumps(card, indent=2))
 
