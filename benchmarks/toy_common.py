@@ -252,7 +252,7 @@ def attribute_erasure(args, attribute: str, value: str, title: str) -> None:
 
     values = {"shape": SHAPES, "texture": TEXTURES}[attribute]
     others = [v for v in values if v != value]
-    per = {"shape": 3, "texture": 1}[attribute]  # about 120 images of the erased value's prompts either way
+    per = {"shape": 3, "texture": 1}[attribute]  # 72 images of the erased shape's prompts, 40 of the texture's
     erased_rows = combination_prompts(**{f"{attribute}s": [value]}, images_per_combination=per)
     other_rows = combination_prompts(**{f"{attribute}s": others}, images_per_combination=1)
     erased = ImageSet.of(erased_rows, seed=30_000)

