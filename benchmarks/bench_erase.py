@@ -17,6 +17,9 @@ Prints one JSON object. Times (``min`` / ``median`` seconds over repetitions):
 Agreement in float64: with the per-matrix closed form (``erase_closed_form`` / ``derive_embedding`` on every K/V
 matrix, no shared-transform algebra) at every N on SD-1.4 shapes, and with the straightforward run where it runs.
 Memory: the erasure's peak beyond the loaded model (CPU: resident set size; CUDA: allocated).
+Where the time goes: ``phases_cold`` / ``phases_warm``, one more cold and warm erasure with each phase timed (the
+hash of the base K/V, G, the text encoding, each Eq. 3 edit, each Eq. 8 derivation, the write into the U-Net, and
+``other``: the rest, chiefly ``attach_pipeline``'s copy of the base K/V).
 """
 
 from __future__ import annotations
@@ -160,6 +163,56 @@ def timed(fn, device: str, reps: int, reset=None) -> list[float]:
         synchronize(device)
         times.append(time.perf_counter() - started)
     return times
+
+
+class PhaseClock:
+    """Times the erasure's phases by wrapping the functions that do them, for one erasure at a time."""
+
+    TARGETS = (
+        ("hash", base_cache, "kv_digest"),
+        ("gram", closed_form, "gram_matrix"),
+        ("encoding", diffusion, "encode_prompts"),
+        ("edit", RECEModule, "_edit"),
+        ("derivation", closed_form, "derive_embedding_from_state"),
+        ("write", RECEModule, "_write"),
+    )
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = []
+
+    def __enter__(self):
+        self._saved = [(owner, name, getattr(owner, name)) for _, owner, name in self.TARGETS]
+        for phase, owner, name in self.TARGETS:
+            setattr(owner, name, self._timed(phase, getattr(owner, name)))
+        self._started = time.perf_counter()
+        return self
+
+    def _timed(self, phase: str, function):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.phases.append((phase, time.perf_counter() - started))
+
+        return wrapper
+
+    def __exit__(self, *exc) -> None:
+        total = time.perf_counter() - self._started
+        for owner, name, original in self._saved:
+            setattr(owner, name, original)
+        self.total = total
+
+    def report(self) -> dict:
+        totals: dict[str, float] = {}
+        for phase, seconds in self.phases:
+            totals[phase] = totals.get(phase, 0.0) + seconds
+        totals["other"] = self.total - sum(totals.values())
+        return {
+            "total": round(self.total, 4),
+            "by_phase": {k: round(v, 4) for k, v in totals.items()},
+            "sequence": [[phase, round(seconds, 4)] for phase, seconds in self.phases],
+        }
 
 
 def summary(times: list[float]) -> dict[str, float]:
@@ -316,6 +369,15 @@ def main() -> None:
 
     disk_times = timed(disk_only, device, 1, reset=restore)
 
+    phases = {}
+    for kind, run in (("phases_cold", cold), ("phases_warm", lambda: erase(warm_dir))):
+        restore()
+        synchronize(device)
+        with PhaseClock() as clock:
+            run()
+            synchronize(device)
+        phases[kind] = clock.report()
+
     step = unet_step(pipeline, device, dtype)
     with torch.no_grad():
         if args.unet_reps > 1 or device == "cuda":
@@ -337,6 +399,7 @@ def main() -> None:
         "erase_over_unet_step": min(cold_times) / min(unet_times),
         "erase_warm_over_unet_step": min(warm_times) / min(unet_times),
         "erase_extra_memory_mb": extra_memory / 2**20,
+        **phases,
     }
 
     linears = list(projections.values())

@@ -265,22 +265,41 @@ def erase_closed_form(
     return edited
 
 
+def product_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype :func:`apply_transform` multiplies ``weight`` in: float32 on CPUs for float32/16 weights (within ~1e-6
+    of float64 and twice as fast); float64 for float64 weights and on every GPU (where float64 is cheap and immune to
+    a global TF32 switch)."""
+    return _SOLVE_DTYPE if weight.dtype == _SOLVE_DTYPE or weight.device.type == "cuda" else torch.float32
+
+
 def apply_transform(
-    weight: Tensor, transform: Tensor, left: Tensor | None = None, right: Tensor | None = None
+    weight: Tensor,
+    transform: Tensor,
+    left: Tensor | None = None,
+    right: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``weight @ transform`` in ``weight``'s dtype: the K/V matrix of a state described by its shared transform.
 
     Given the state's low-rank factors (``transform = I + left @ right^T``), computed as ``weight + (weight @ left) @
-    right^T``. A plain product, not a solve: on CPUs it runs in float32 for float32/16 weights (within ~1e-6 of float64
-    and twice as fast); float64 weights, and every GPU (where float64 is cheap and immune to a global TF32 switch), use
-    float64.
+    right^T``. A plain product, not a solve, in :func:`product_dtype`; ``transform`` / ``left`` / ``right`` already in
+    that dtype and on ``weight``'s device are used as they are (a caller writing many matrices converts them once).
+    ``out`` (``weight``'s shape and dtype, not ``weight`` itself) receives the result without a further copy when the
+    product runs in the weights' own dtype.
     """
-    dtype = _SOLVE_DTYPE if weight.dtype == _SOLVE_DTYPE or weight.device.type == "cuda" else torch.float32
+    dtype = product_dtype(weight)
     as_dtype = weight.to(dtype)
+    direct = out is not None and out.dtype == dtype
     if left is not None and right is not None:
         left, right = left.to(device=weight.device, dtype=dtype), right.to(device=weight.device, dtype=dtype)
-        return torch.addmm(as_dtype, as_dtype @ left, right.T).to(weight.dtype)
-    return (as_dtype @ transform.to(device=weight.device, dtype=dtype)).to(weight.dtype)
+        product = torch.addmm(as_dtype, as_dtype @ left, right.T, out=out if direct else None)
+    else:
+        product = torch.matmul(as_dtype, transform.to(device=weight.device, dtype=dtype), out=out if direct else None)
+    if out is None:
+        return product.to(weight.dtype)
+    if not direct:
+        out.copy_(product)
+    return out
 
 
 def gram_matrix(weights: Sequence[Tensor], block: int = 256) -> Tensor:

@@ -320,9 +320,9 @@ def test_the_thin_branches_match_the_per_matrix_reference_at_non_default_setting
         solves.append(tuple(rhs.shape))
         return real_solve(matrix, rhs)
 
-    def apply(weight, transform, left=None, right=None):
+    def apply(weight, transform, left=None, right=None, out=None):
         writes.append(left is not None)
-        return real_apply(weight, transform, left, right)
+        return real_apply(weight, transform, left, right, out=out)
 
     monkeypatch.setattr(closed_form, "_spd_solve", solve)
     monkeypatch.setattr(closed_form, "apply_transform", apply)
