@@ -126,11 +126,27 @@ def _solve_edit(
             f"erase has {sources.shape[0]} rows but targets has {destinations.shape[0]}; each source row needs "
             "exactly one destination row"
         )
+    kept = _rows("preserve", preserve, dim, device)
+    if kept is None or preserve_scale == 0:
+        kept = None
+    rows = sources.shape[0] + (0 if kept is None else kept.shape[0])
+    if erase_scale > 0 and rows < dim:
+        # B = lamb I + U U^T with U = [sqrt(s) C; sqrt(p) P]^T (d x k, k < d), and C^T = U E / sqrt(s) for E the
+        # first T columns of I_k: the push-through identity (lamb I + U U^T)^-1 U = U (lamb I + U^T U)^-1 gives
+        # Z = B^-1 C^T = U (lamb I_k + U^T U)^-1 E / sqrt(s), a k x k Cholesky instead of d x d, with no cancellation.
+        parts = [sources * math.sqrt(erase_scale)]
+        if kept is not None:
+            parts.append(kept * math.sqrt(preserve_scale))
+        basis = torch.cat(parts).T  # (d, k)
+        small = basis.T @ basis
+        small.diagonal().add_(lamb)
+        selector = torch.zeros(rows, sources.shape[0], dtype=_SOLVE_DTYPE, device=device)
+        selector.diagonal().fill_(1.0 / math.sqrt(erase_scale))
+        return _EditSolution(difference=destinations - sources, solved=basis @ _spd_solve(small, selector))
     # Built in place: on CPUs every fresh d x d float64 temporary costs page faults comparable to its arithmetic.
     source_gram = sources.T @ sources
     denominator = source_gram * erase_scale
-    kept = _rows("preserve", preserve, dim, device)
-    if kept is not None and preserve_scale > 0:
+    if kept is not None:
         denominator.addmm_(kept.T, kept, alpha=preserve_scale)
     denominator.diagonal().add_(lamb)
     if sources.shape[0] >= dim:

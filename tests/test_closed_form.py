@@ -60,6 +60,10 @@ CASES = [
     (16, [16, 32, 7], [4, 2], [5], 0.1, 1.0, 0.1),
     (24, [40], [77], [77, 77], 1e-3, 1.0, 0.1),
     (32, [64, 64, 96], [1, 6, 11], [3], 0.5, 2.0, 1.0),
+    # fewer erase rows than d but not with the preserved ones (the thin edit through the d x d system), and no erase
+    # term at all (the k x k form needs s > 0)
+    (16, [20], [5], [9, 4], 0.2, 1.0, 0.5),
+    (12, [9], [4], [3], 0.1, 0.0, 0.1),
 ]
 
 
