@@ -100,10 +100,12 @@ class ImageSet:
 
 @dataclass
 class State:
-    """One method's erased state: its transform applied to the lab's pipeline, and how it was reached."""
+    """One method's erased state: the recipe that reaches it (replayed by :meth:`Lab.apply`) and how it was reached."""
 
     method: str
-    module: RECEModule | None
+    concepts: tuple[str, ...]
+    guide: str
+    hyper: dict
     seconds: float = 0.0
     record: dict = field(default_factory=dict)
 
@@ -115,7 +117,6 @@ class Lab:
         self.model = model
         self.pipeline = diffusion.load_pipeline(model)
         self.original_kv = {n: w.detach().clone() for n, w in diffusion.kv_weights(self.pipeline.unet).items()}
-        self._images: dict[tuple, np.ndarray] = {}
 
     def restore(self) -> None:
         diffusion.write_kv_weights(self.pipeline.unet, self.original_kv)
@@ -142,12 +143,13 @@ class Lab:
     ) -> dict[str, State]:
         """original, UCE alone and RECE at the selector's state (each timed: the edit only, not the probes)."""
         scorer = ToyWorldScorer(list(concepts))
-        states = {"original": State("original", None)}
+        recipe = (tuple(concepts), guide, hyper)
+        states = {"original": State("original", *recipe)}
         started = time.perf_counter()
         module = self.module(concepts, guide, **hyper)
         module.apply_uce()
         uce_seconds = time.perf_counter() - started
-        states["uce"] = State("uce", None, uce_seconds, {"probe_rate": self.probe_rate(module, scorer, probes)})
+        states["uce"] = State("uce", *recipe, uce_seconds, {"probe_rate": self.probe_rate(module, scorer, probes)})
         rates, seconds = [], [uce_seconds]
         for _ in range(max_epochs):
             started = time.perf_counter()
@@ -162,18 +164,16 @@ class Lab:
             "probe_rate_by_epoch": rates,
             "probe_rate_after_uce": states["uce"].record["probe_rate"],
         }
-        states["rece"] = State("rece", None, seconds[selected], record)
-        self._hyper = (list(concepts), guide, hyper)
+        states["rece"] = State("rece", *recipe, seconds[selected], record)
         return states
 
     def apply(self, state: State) -> RECEModule | None:
         """Write ``state``'s K/V into the pipeline (the closed form is deterministic: replayed, not stored); the module
         that holds it (None for the original)."""
-        concepts, guide, hyper = self._hyper
         if state.method == "original":
             self.restore()
             return None
-        module = self.module(concepts, guide, **hyper)
+        module = self.module(state.concepts, state.guide, **state.hyper)
         module.apply_uce()
         for _ in range(state.record.get("selected_epoch", 0)):
             module.derive_and_erase(module.concepts)

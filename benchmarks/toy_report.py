@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from toy_common import paired_distances  # noqa: E402
+
 from rece_lightning import RECEModule, diffusion  # noqa: E402
-from rece_lightning.evaluation import metrics as image_metrics  # noqa: E402
-from rece_lightning.evaluation.features import RandomConvFeatures  # noqa: E402
 from rece_lightning.toyworld import COLOURS, OBJECT_COLOURS, SHAPES, TEXTURES, ToyWorldScorer, predict  # noqa: E402
 from rece_lightning.toyworld.measure import accuracy, combination_prompts, generate  # noqa: E402
 
@@ -98,14 +98,8 @@ class StateMeter:
         return result
 
     def _paired(self, images: np.ndarray) -> dict:
-        reference = torch.from_numpy(self.reference_other).permute(0, 3, 1, 2).contiguous()
-        current = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        fid = image_metrics.frechet_inception_distance(RandomConvFeatures(for_fid=True))
-        fid.update(reference, real=True)
-        fid.update(current, real=False)
-        lpips = image_metrics.PairedLPIPS(RandomConvFeatures())
-        lpips.update(image_metrics.as_float_images(images), image_metrics.as_float_images(self.reference_other))
-        return {"fid_unrelated": float(fid.compute()), "lpips_unrelated": float(lpips.compute())}
+        distances = paired_distances(images, self.reference_other)
+        return {"fid_unrelated": distances["fid"], "lpips_unrelated": distances["lpips"]}
 
 
 def run(args) -> dict:

@@ -126,8 +126,8 @@ def _solve_edit(
             f"erase has {sources.shape[0]} rows but targets has {destinations.shape[0]}; each source row needs "
             "exactly one destination row"
         )
-    kept = _rows("preserve", preserve, dim, device)
-    if kept is None or preserve_scale == 0:
+    kept = _rows("preserve", preserve, dim, device)  # checked even when its scale leaves it out
+    if preserve_scale == 0:
         kept = None
     rows = sources.shape[0] + (0 if kept is None else kept.shape[0])
     if erase_scale > 0 and rows < dim:

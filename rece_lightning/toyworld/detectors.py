@@ -89,7 +89,7 @@ def _contrast(values: np.ndarray) -> float:
     return float(1.0 - np.percentile(values, 10) / max(np.percentile(values, 90), 1.0))
 
 
-def _texture(image: np.ndarray, blob: np.ndarray) -> tuple[str, float, float]:
+def _texture(image: np.ndarray, blob: np.ndarray) -> str:
     """Stripes are horizontal: contrast between the object's darkest and lightest rows (striped ~0.5, plain ~0);
     checks alternate along each row too: the median contrast within a row (checkered ~0.5, striped and plain ~0)."""
     inner = cv2.erode(blob.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)  # edges blend into the background
@@ -98,13 +98,13 @@ def _texture(image: np.ndarray, blob: np.ndarray) -> tuple[str, float, float]:
     brightness = image.max(axis=-1).astype(np.float32)
     lines = [brightness[r][inner[r]] for r in range(inner.shape[0]) if inner[r].sum() >= 2]
     if not lines:
-        return "plain", 0.0, 0.0
+        return "plain"
     between = _contrast(np.array([line.mean() for line in lines]))
     wide = [line for line in lines if line.size >= 6]
     within = float(np.median([_contrast(line) for line in wide])) if wide else 0.0
     if within >= TEXTURED_FROM:
-        return "checkered", between, within
-    return ("striped" if between >= TEXTURED_FROM else "plain"), between, within
+        return "checkered"
+    return "striped" if between >= TEXTURED_FROM else "plain"
 
 
 def predict(image: np.ndarray) -> Prediction:
@@ -122,8 +122,7 @@ def predict(image: np.ndarray) -> Prediction:
     else:  # anti-aliased edges and sampler artefacts leave a grey object a few saturated pixels
         colour, shares = NEUTRAL, dict.fromkeys(COLOURS, 0.0)
     blob = _largest_blob(foreground)
-    texture, _, _ = _texture(pixels, blob)
-    return Prediction(colour, _shape(blob), texture, shares, share)
+    return Prediction(colour, _shape(blob), _texture(pixels, blob), shares, share)
 
 
 class ToyWorldScorer(ImageScorer):

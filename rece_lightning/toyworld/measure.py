@@ -18,10 +18,9 @@ from rece_lightning.toyworld.world import (
     OBJECT_COLOURS,
     SHAPE_WORDS,
     SHAPES,
-    TEMPLATES,
     TEXTURES,
     object_phrase,
-    with_articles,
+    templated,
 )
 
 
@@ -65,8 +64,7 @@ def combination_prompts(
     rows = []
     for colour, shape, texture in product(colours, shapes, textures):
         for k in range(images_per_combination):
-            template = TEMPLATES[k % len(TEMPLATES)]
-            prompt = with_articles(template.format(object=object_phrase(colour, shape, texture)))
+            prompt = templated(k, object_phrase(colour, shape, texture))
             rows.append((prompt, {"colour": colour, "shape": shape, "texture": texture}))
     return rows
 
@@ -88,7 +86,7 @@ def implicit_prompts(
             for k in range(images_per_phrase):
                 shape, texture = SHAPES[(k + p) % len(SHAPES)], TEXTURES[(k + 2 * p) % len(TEXTURES)]
                 phrase = object_phrase(colour, shape, texture, colour_word=word)
-                prompt = with_articles(TEMPLATES[(k + p) % len(TEMPLATES)].format(object=phrase))
+                prompt = templated(k + p, phrase)
                 rows.append((prompt, {"colour": colour, "shape": shape, "texture": texture, "kind": kind}))
     return rows
 
@@ -102,7 +100,7 @@ def shape_synonym_prompts(images_per_word: int = 3) -> list[tuple[str, dict[str,
             for k in range(images_per_word):
                 colour, texture = colours[(s + w + k) % len(colours)], TEXTURES[(w + k) % len(TEXTURES)]
                 phrase = object_phrase(colour, shape, texture, shape_word=word)
-                prompt = with_articles(TEMPLATES[(k + w) % len(TEMPLATES)].format(object=phrase))
+                prompt = templated(k + w, phrase)
                 rows.append((prompt, {"colour": colour, "shape": shape, "texture": texture}))
     return rows
 

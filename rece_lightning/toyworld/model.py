@@ -1,8 +1,8 @@
 """The toy text-to-image model: Stable Diffusion's architecture at a size that trains on two CPU cores.
 
-``AutoencoderKL`` (32 px RGB -> 8 x 8 x 4 latents), a 2-layer causal ``CLIPTextModel`` of width 128 (trained with
-the U-Net: a frozen random encoder of this width confused red with yellow and green with blue after the same
-training), a word-level tokenizer with CLIP's special tokens, a
+``AutoencoderKL`` (32 px RGB -> 8 x 8 x 4 latents), a 2-layer causal ``CLIPTextModel`` of width 128 (frozen at its
+random initialisation while the U-Net trains, as SD's CLIP is: ``training.LatentDiffusionTraining``), a word-level
+tokenizer with CLIP's special tokens, a
 ``UNet2DConditionModel`` with cross-attention at both resolutions and in the middle block, and DDPM / DDIM schedulers
 with Stable Diffusion's beta schedule. Saved with ``save_pretrained``, it loads with
 ``StableDiffusionPipeline.from_pretrained(folder)`` like any SD checkpoint.
@@ -51,8 +51,8 @@ class ToyComponents:
 def build_tokenizer():
     """A word-level tokenizer of the toy world's words (``tokenizers``' ``WordLevel``), CLIP's special tokens and
     padding: BOS, the words, EOS, then EOS padding to ``MAX_TOKENS``. A word outside the world is ``<|unk|>``, a token
-    of its own, so that a prompt the model cannot read is refused (``diffusion.check_known_words``) instead of being
-    encoded as something else."""
+    of its own, so that a prompt the model cannot read is refused (``diffusion.unknown_words``, checked by
+    ``RECEModule.setup``) instead of being encoded as something else."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

@@ -5,13 +5,14 @@ Two real Lightning runs on procedurally rendered scenes (:mod:`rece_lightning.to
 1. ``VAETraining``: the ``AutoencoderKL`` learns to reconstruct 32 px scenes (MSE + a small KL term, as SD's VAE).
 2. ``LatentDiffusionTraining``: the ``UNet2DConditionModel`` learns to predict the noise added to the scenes'
    latents (DDPM, Stable Diffusion's beta schedule), conditioned on the text encoder's output for each scene's
-   caption (the encoder trains with it), with 10 % of captions dropped to "" so that classifier-free guidance works,
-   and a share of the grey (unnamed-colour) scenes conditioned on the all-zero embedding, so that the model draws its
-   default object there, as Eq. 7's regularisation of c' towards 0 assumes; an EMA of the weights is what gets saved.
+   caption (the encoder frozen at its random initialisation by default), with 10 % of captions dropped to "" so that
+   classifier-free guidance works, and a share of the grey (unnamed-colour) scenes conditioned on the all-zero
+   embedding, so that the model draws its default object there, as Eq. 7's regularisation of c' towards 0 assumes;
+   an EMA of the weights is what gets saved.
 
 The result is a standard ``StableDiffusionPipeline`` folder (``save_pretrained``, safetensors) plus ``toyworld.json``
 (training settings, timings, and how well the model follows its prompts by the world's detectors). Everything is
-seeded; the defaults take about 25 minutes on 2 CPU cores.
+seeded; the defaults take about 26 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

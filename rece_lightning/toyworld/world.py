@@ -173,10 +173,14 @@ def with_articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
+def templated(template: int, phrase: str) -> str:
+    """``TEMPLATES[template]`` (taken in turn) around an object phrase, articles fixed: "a photo of an orange disc"."""
+    return with_articles(TEMPLATES[template % len(TEMPLATES)].format(object=phrase))
+
+
 def caption(scene: Scene, template: int = 0, texture_word: bool = False, **words: str | None) -> str:
     """The scene's caption with ``TEMPLATES[template]``; "plain" is said only when ``texture_word``."""
-    phrase = object_phrase(scene.colour, scene.shape, scene.texture, texture_word, **words)
-    return with_articles(TEMPLATES[template].format(object=phrase))
+    return templated(template, object_phrase(scene.colour, scene.shape, scene.texture, texture_word, **words))
 
 
 def _pick(rng: np.random.Generator, choices: Sequence[tuple[str, float]]) -> str:
