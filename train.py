@@ -20,15 +20,7 @@ EDIT_DEFINING = (
     "erase_concepts",
     "guide_concepts",
     "preserve_concepts",
-    "lamb",
-    "erase_scale",
-    "preserve_scale",
-    "reg",
-    "uce_tokens",
-    "rece_tokens",
-    "preserve_guides",
-    "uce_lamb",
-    "uce_preserve_scale",
+    "method",
     "dtype",
 )
 
@@ -72,6 +64,9 @@ class RECECLI(LightningCLI):
         from rece_lightning.module import RECEModule
 
         configured = {**_init_defaults(RECEModule), **dict(vars(model.init_args))}
+        configured["method"] = _method_spec(configured.get("method"))
+        if "method" in saved:
+            saved = {**saved, "method": _method_spec(saved["method"])}
         differing = [
             f"{key}={saved[key]!r} (config: {configured.get(key)!r})"
             for key in EDIT_DEFINING
@@ -107,7 +102,7 @@ class RECECLI(LightningCLI):
         silence_known_noise(resuming=self.config["fit"].get("ckpt_path") is not None)
         if isinstance(self.model, RECEModule):
             # Lightning turns an unset max_epochs into 1000 before any module hook runs: check the user's value here.
-            RECEModule._check_rounds(self.trainer.max_epochs, self.trainer.max_steps)
+            RECEModule._check_rounds(self.trainer.max_epochs, self.trainer.max_steps, self.model.method)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run; if the run fails before its first epoch ends, remove the log folder it made for nothing."""
@@ -157,6 +152,17 @@ def _init_defaults(cls) -> dict:
         for name, p in inspect.signature(cls.__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
+
+
+def _method_spec(value) -> dict:
+    """A method as given in a config (None: the default RECE) or recorded in a checkpoint, as its full spec."""
+    from rece_lightning.methods import RECE, from_spec
+
+    if value is None:
+        return RECE().spec()
+    if hasattr(value, "as_dict"):  # a jsonargparse Namespace
+        value = value.as_dict()
+    return from_spec(value).spec()
 
 
 def _normalised(value):

@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the yardstick lives 
 
 from straightforward_rece import straightforward_rece  # noqa: E402
 
-from rece_lightning import RECEModule, base_cache, closed_form, diffusion  # noqa: E402
-from rece_lightning.diffusion import EncodedPrompt  # noqa: E402
+from rece_lightning import RECEModule, base_cache, closed_form, diffusion, families, testing  # noqa: E402
+from rece_lightning.families import EncodedPrompt  # noqa: E402
+from rece_lightning.tokens import select_tokens
 
 CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
 
@@ -50,7 +51,7 @@ def _tokenizer(tokenizer: Path | None):
 
     if tokenizer is None:
         folder = Path(tempfile.mkdtemp()) / "tokenizer-source"
-        diffusion.train_small_bpe(folder)
+        testing.train_small_bpe(folder)
         tokenizer = folder
     return CLIPTokenizer.from_pretrained(str(tokenizer), model_max_length=77)
 
@@ -125,7 +126,7 @@ def build_shaped_pipeline(model: str, device: str, dtype: torch.dtype, tokenizer
             scheduler=DDIMScheduler(),
             add_watermarker=False,
         )
-    for component in diffusion._networks(pipeline):
+    for component in families.family_of(pipeline).networks(pipeline):
         component.requires_grad_(False).eval()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device=device, dtype=dtype)
@@ -139,7 +140,7 @@ def unet_step(pipeline, device: str, dtype: torch.dtype):
     context = torch.randn(2, 77, width, device=device, dtype=dtype)
     timestep = torch.tensor(500, device=device)
     extra = {}
-    if diffusion.is_sdxl(pipeline):
+    if families.family_of(pipeline).name == "sdxl":
         extra["added_cond_kwargs"] = {
             "text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
             "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * 2, device=device, dtype=dtype),
@@ -269,7 +270,7 @@ def per_matrix_reference(
         encoded = {k: EncodedPrompt(shaken(e.embedding), e.length) for k, e in encoded.items()}
     guide = encoded[" "]
     pairs = [
-        diffusion.select_tokens(encoded[c].embedding, encoded[c].length, guide.embedding, guide.length, hp.uce_tokens)
+        select_tokens(encoded[c].embedding, encoded[c].length, guide.embedding, guide.length, hp.uce_tokens)
         for c in concepts
     ]
     preserve = [guide.embedding] * len(concepts)

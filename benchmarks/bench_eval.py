@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from PIL import Image
 
-from rece_lightning import diffusion
+from rece_lightning import diffusion, testing
 from rece_lightning.data import PromptDataModule
 from rece_lightning.evaluation import ErasureEvaluator
 from rece_lightning.evaluation.nudity import to_uint8
@@ -98,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    model = args.model or diffusion.build_tiny_pipeline(
+    model = args.model or testing.build_tiny_pipeline(
         work / "tiny-sd", tokenizer=CLIP_TOKENIZER if CLIP_TOKENIZER.is_dir() else None
     )
     csv = work / "prompts.csv"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rece_lightning import RECEModule, diffusion
+from rece_lightning import RECEModule, diffusion, families
 from rece_lightning.toyworld import measure
 from rece_lightning.toyworld.detectors import predict
 
@@ -42,7 +42,7 @@ def main() -> None:
     torch.manual_seed(0)
     pipeline = diffusion.load_pipeline(args.model)
     seeds = list(range(args.images))
-    blank, concept = (e.embedding for e in diffusion.encode_prompts(pipeline, [" ", args.concept]))
+    blank, concept = (e.embedding for e in families.encode_prompts(pipeline, [" ", args.concept]))
     result: dict = {"model": args.model, "concept": args.concept, "images": args.images, "guidance": {}}
     for guidance in (1.0, 2.0, 5.0):
         row = {

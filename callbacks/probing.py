@@ -13,8 +13,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from rece_lightning import diffusion
 from rece_lightning.distributed import sharded_map
+from rece_lightning.families import family_of
 
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -72,11 +72,15 @@ def generate_probes(module, settings: ProbeSettings) -> Probes:
     if settings in cached[1]:
         return cached[1][settings]
     pipeline = module.pipeline
+    family = family_of(pipeline)
     concepts = list(module.concepts.erase)
     derived = module.derived_embeddings()
     encoded = module.encoded(concepts)
     rows = [derived[c] for c in concepts] + [e.embedding for e in encoded]
     batch = torch.stack(rows).repeat_interleave(settings.num_images, dim=0)
+    # c' is generated with its concept's attention mask, where the family masks padding (PixArt)
+    lengths = [e.length for e in encoded] * 2
+    lengths = [length for length in lengths for _ in range(settings.num_images)]
     # SDXL also conditions on a pooled embedding: c' and the prompt both get the concept's own (README, "SDXL").
     pooled = None
     if encoded[0].pooled is not None:
@@ -94,8 +98,11 @@ def generate_probes(module, settings: ProbeSettings) -> Probes:
             torch.Generator(device=pipeline.device).manual_seed(settings.seed + index % settings.num_images)
             for index in indices
         ]
-        return pipeline(
-            **diffusion.embedding_inputs(pipeline, batch[indices], None if pooled is None else pooled[indices]),
+        return family.generate(
+            pipeline,
+            embeds=batch[indices],
+            pooled=None if pooled is None else pooled[indices],
+            lengths=[lengths[i] for i in indices],
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             height=settings.height,

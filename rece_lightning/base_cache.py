@@ -23,8 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from rece_lightning.diffusion import EncodedPrompt
-from rece_lightning.export import atomic_write, kv_digest
+from rece_lightning.export import kv_digest
+from rece_lightning.families import EncodedPrompt, family_of
+from rece_lightning.files import atomic_write
 
 __all__ = ["BaseModelCache", "kv_fingerprint"]
 
@@ -39,12 +40,18 @@ def kv_fingerprint(weights: Mapping[str, Tensor]) -> str:
 
 
 def _encoder_signature(pipeline) -> str:
+    """The encoding networks' classes, configs and dtypes (a network without a config, PixArt's caption projection,
+    by its weights: it is small)."""
     parts = []
-    for name in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(pipeline, name, None)
-        if encoder is not None:
-            config = {k: v for k, v in encoder.config.to_dict().items() if not k.startswith("_")}
-            parts.append(f"{type(encoder).__name__}|{encoder.dtype}|{json.dumps(config, sort_keys=True, default=str)}")
+    for name, module in family_of(pipeline).encoding_modules(pipeline).items():
+        config = getattr(module, "config", None)
+        if config is not None:
+            settings = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+            described = json.dumps(settings, sort_keys=True, default=str)
+        else:
+            described = kv_digest(dict(module.state_dict()))
+        dtype = next(module.parameters()).dtype
+        parts.append(f"{name}|{type(module).__name__}|{dtype}|{described}")
     return hashlib.sha256("||".join(parts).encode()).hexdigest()
 
 

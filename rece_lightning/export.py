@@ -1,9 +1,9 @@
 """The erased model as a small artefact: the edited K/V weights in safetensors plus a JSON manifest.
 
-``save_erased`` writes ``rece_kv.safetensors`` (only the cross-attention K/V matrices, keyed as in
-``unet.state_dict()``) and ``rece_manifest.json`` (base model, concepts, hyper-parameters, versions). ``load_erased``
-applies such an export, or a Lightning checkpoint of ``RECEModule`` (which stores the shared d x d transform), to a
-freshly loaded pipeline.
+``save_erased`` writes ``rece_kv.safetensors`` (only the cross-attention K/V matrices, keyed as in the
+denoiser's ``state_dict()``) and ``rece_manifest.json`` (base model, concepts, hyper-parameters, versions).
+``load_erased`` applies such an export, or a Lightning checkpoint of ``RECEModule`` (which stores the shared d x d
+transform), to a freshly loaded pipeline.
 """
 
 from __future__ import annotations
@@ -24,14 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from rece_lightning.closed_form import apply_transform
-from rece_lightning.diffusion import (
-    check_kv_compatible,
-    kv_weights,
-    looks_like_kv_name,
-    read_unet_kv,
-    unet_weights_file,
-    write_kv_weights,
-)
+from rece_lightning.diffusion import check_kv_compatible, kv_weights, looks_like_kv_name, write_kv_weights
+from rece_lightning.files import DIR_MODE, atomic_write, check_writable_folder
+from rece_lightning.kv_files import denoiser_weights_file, read_denoiser_kv
+from rece_lightning.validation import check_finite_weights
 
 WEIGHTS_NAME = "rece_kv.safetensors"
 MANIFEST_NAME = "rece_manifest.json"
@@ -44,12 +40,10 @@ __all__ = [
     "WEIGHTS_NAME",
     "ErasedFile",
     "apply_erased",
-    "atomic_write",
     "kv_digest",
     "kv_identity",
     "check_base_identity",
     "check_pipeline_export_folder",
-    "check_writable_folder",
     "load_erased",
     "package_versions",
     "read_checkpoint",
@@ -93,77 +87,9 @@ def kv_identity(weights: Mapping[str, Tensor]) -> str:
     return kv_digest(weights, torch.float16)
 
 
-def _read_umask() -> int:
-    """The process umask, read once at import: ``os.umask`` can only be read by setting it, which would race with
-    other threads creating files."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()
-_FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file (0644 under the usual 022)
-_DIR_MODE = 0o777 & ~_UMASK
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(temporary_path)``, then rename onto ``path``: a crash never leaves a half-written file behind.
-
-    The file gets the usual permissions (``mkstemp`` creates 0600 files; others could not read an export).
-    """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, _FILE_MODE)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def check_writable_folder(option: str, folder: str | os.PathLike) -> None:
-    """Refuse, before any work, a folder that is a file or that cannot be created or written to.
-
-    The check makes the folder (and a file in it) for real, then removes what it made: permission bits say nothing
-    for root or for special file systems (``/proc``), where only trying tells.
-    """
-    path = Path(folder).expanduser()
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{option}={str(folder)!r} is a file, not a folder: give a folder to write into")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{option}={str(folder)!r}: {str(existing)!r} is a file, so the folder cannot be made")
-    made = [parent for parent in (path, *path.parents) if not parent.exists()]
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=path, prefix=".rece-write-check-")
-        os.close(handle)
-        os.remove(probe)
-    except OSError as error:
-        raise PermissionError(
-            f"{option}={str(folder)!r} cannot be written: {error.strerror or error} ({str(existing)!r} exists); give "
-            "a folder you can write to"
-        ) from None  # the message says it all: the command line shows this line alone
-    finally:
-        for parent in made:  # deepest first: leave the file system as it was
-            try:
-                parent.rmdir()
-            except OSError:
-                pass
-
-
-def _refuse_non_finite(weights: Mapping[str, Tensor]) -> None:
-    for name, value in weights.items():
-        if not torch.isfinite(value).all():
-            raise FloatingPointError(f"refusing to export: K/V weight {name!r} holds NaN or inf values")
-
-
 def save_erased(folder: str | os.PathLike, weights: Mapping[str, Tensor], manifest: Mapping[str, Any]) -> Path:
     """Write ``weights`` (K/V name -> tensor) and ``manifest`` into ``folder``; returns the safetensors path."""
-    _refuse_non_finite(weights)
+    check_finite_weights(weights, "refusing to export")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: value.detach().to("cpu").contiguous() for name, value in weights.items()}
@@ -198,7 +124,7 @@ def save_erased_pipeline(folder: str | os.PathLike, pipeline, manifest: Mapping[
     Plain diffusers loads the result with ``from_pretrained``; ``load_erased`` and the evaluator read its K/V. Written
     into a staging folder beside ``folder`` and swapped in at the end, so a failure leaves any earlier export whole.
     """
-    _refuse_non_finite(kv_weights(pipeline.unet))
+    check_finite_weights(kv_weights(pipeline), "refusing to export")
     check_pipeline_export_folder("export_dir", folder)
     folder = Path(folder).expanduser()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +134,7 @@ def save_erased_pipeline(folder: str | os.PathLike, pipeline, manifest: Mapping[
         pipeline.save_pretrained(staging, safe_serialization=True)
         full_manifest = {**manifest, "format": "diffusers", "versions": package_versions()}
         (staging / MANIFEST_NAME).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str))
-        os.chmod(staging, _DIR_MODE)  # mkdtemp makes 0700 folders
+        os.chmod(staging, DIR_MODE)  # mkdtemp makes 0700 folders
         if folder.exists():
             os.replace(folder, retired)
         os.replace(staging, folder)
@@ -252,20 +178,21 @@ def read_erased(path: str | os.PathLike) -> ErasedFile:
     """Read and check an erased model without touching any pipeline: its K/V weights (an export) or its transform (a
     ``RECEModule`` checkpoint), with the base identity its manifest or checkpoint records.
 
-    ``path`` may also be another method's edited model as a diffusers pipeline folder (or its ``unet`` folder): only
-    its cross-attention K/V are read — right for K/V-editing methods (UCE, MACE, RECE) and for the derived-embedding
-    attack, which needs only those; a method that changed other weights (ESD) must be evaluated as its own base model.
+    ``path`` may also be another method's edited model as a diffusers pipeline folder (or its ``unet`` /
+    ``transformer`` folder): only its cross-attention K/V are read — right for K/V-editing methods (UCE, MACE, RECE)
+    and for the derived-embedding attack, which needs only those; a method that changed other weights (ESD) must be
+    evaluated as its own base model.
 
     Refused with an error that names the file: a missing path, a file that does not parse, a file that is not an
     export or a RECE checkpoint, and NaN or inf values (a non-finite export would score as perfect erasure).
     """
-    unet_file = _pipeline_unet_file(path)
-    if unet_file is not None:
-        weights = read_unet_kv(unet_file)
+    denoiser_file = _pipeline_denoiser_file(path)
+    if denoiser_file is not None:
+        weights = read_denoiser_kv(denoiser_file)
         if not weights:
-            raise ValueError(f"{str(unet_file)!r} holds no cross-attention K/V weights ('...attn2.to_k.weight')")
-        _check_finite(unet_file, weights)
-        return ErasedFile(unet_file, weights, *_recorded(Path(path).expanduser()))
+            raise ValueError(f"{str(denoiser_file)!r} holds no cross-attention K/V weights ('...attn2.to_k.weight')")
+        check_finite_weights(weights, f"{str(denoiser_file)!r}: refusing to evaluate it")
+        return ErasedFile(denoiser_file, weights, *_recorded(Path(path).expanduser()))
     path = _resolve(path)
     if path.suffix == ".safetensors":
         try:
@@ -278,15 +205,14 @@ def read_erased(path: str | os.PathLike) -> ErasedFile:
                 f"{str(path)!r} is not a RECE export: it should hold only cross-attention K/V weights "
                 f"('...to_k.weight', '...to_v.weight'); it holds {foreign[:3] or 'nothing'}"
             )
-        _check_finite(path, weights)
+        check_finite_weights(weights, f"{str(path)!r}: refusing to evaluate it")
         return ErasedFile(path, weights, *_recorded(path.parent))
     checkpoint = read_checkpoint(path)
     state = checkpoint.get("state_dict", checkpoint)
     if TRANSFORM_KEY not in state:
         raise ValueError(f"{str(path)!r} holds no {TRANSFORM_KEY!r}: it is not a RECEModule checkpoint")
     transform = state[TRANSFORM_KEY].to(torch.float64)
-    if not torch.isfinite(transform).all():
-        raise ValueError(f"{str(path)!r}: its transform holds NaN or inf values: refusing to evaluate it")
+    check_finite_weights({TRANSFORM_KEY: transform}, f"{str(path)!r}: refusing to evaluate it")
     concepts = (checkpoint.get("hyper_parameters") or {}).get("erase_concepts")
     concepts = (concepts,) if isinstance(concepts, str) else (tuple(concepts) if concepts else None)
     return ErasedFile(path, transform, checkpoint.get(BASE_IDENTITY_KEY), None, concepts)
@@ -318,25 +244,19 @@ def _recorded(folder: Path) -> tuple[str | None, str | None, tuple[str, ...] | N
     return manifest.get(BASE_IDENTITY_KEY), manifest.get(ERASED_IDENTITY_KEY), tuple(concepts) if concepts else None
 
 
-def _pipeline_unet_file(path: str | os.PathLike) -> Path | None:
+def _pipeline_denoiser_file(path: str | os.PathLike) -> Path | None:
     folder = Path(path).expanduser()
     if not folder.is_dir() or (folder / WEIGHTS_NAME).is_file():
         return None
     if not ((folder / "model_index.json").is_file() or (folder / "config.json").is_file()):
         return None
-    found = unet_weights_file(str(folder))
+    found = denoiser_weights_file(str(folder))
     if found is None:
         raise FileNotFoundError(
-            f"{str(folder)!r} looks like a diffusers model folder but has no single unet "
+            f"{str(folder)!r} looks like a diffusers model folder but has no single unet or transformer "
             "diffusion_pytorch_model*.safetensors to read K/V weights from"
         )
     return found
-
-
-def _check_finite(path: Path, weights: dict[str, Tensor]) -> None:
-    bad = [name for name, value in weights.items() if not torch.isfinite(value).all()]
-    if bad:
-        raise ValueError(f"{str(path)!r} holds NaN or inf values in {bad[:3]}: refusing to evaluate it")
 
 
 @torch.no_grad()
@@ -356,7 +276,7 @@ def load_erased(pipeline, path: str | os.PathLike, allow_other_base: bool = Fals
 def apply_erased(pipeline, erased: ErasedFile, allow_other_base: bool = False):
     """:func:`load_erased` for what :func:`read_erased` already read."""
     path, content = erased.path, erased.content
-    current = kv_weights(pipeline.unet)
+    current = kv_weights(pipeline)
     if isinstance(content, dict):
         check_kv_compatible(current, content, what=f"export {path.name}")
     else:
@@ -372,7 +292,7 @@ def apply_erased(pipeline, erased: ErasedFile, allow_other_base: bool = False):
         weights = content
     else:
         weights = {name: apply_transform(w, content) for name, w in current.items()}
-    write_kv_weights(pipeline.unet, weights)
+    write_kv_weights(pipeline, weights)
     return pipeline
 
 

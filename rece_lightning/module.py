@@ -1,9 +1,10 @@
-"""``RECEModule``: RECE (Algorithm 1) as a Lightning training run whose epochs are derive-erase rounds.
+"""``RECEModule``: a closed-form erasure method as a Lightning training run whose epochs are its rounds.
 
-Before the first epoch a UCE edit (Eq. 3) erases the concepts; then every epoch derives, for each concept, the
-embedding c' that still regenerates it in the edited model (Eq. 8) and erases c' (Eq. 3). The "step" of an epoch is
-that closed-form update; there is no optimiser and no gradient. The math lives in :mod:`rece_lightning.closed_form`,
-everything that knows diffusers in :mod:`rece_lightning.diffusion`; this class orchestrates.
+The method (:mod:`rece_lightning.methods`; RECE by default) makes an initial edit before the first epoch (RECE: the
+UCE edit, Eq. 3) and one edit per epoch (RECE: derive the embedding c' that still regenerates each concept in the
+edited model, Eq. 8, and erase c', Eq. 3). The "step" of an epoch is that closed-form update; there is no optimiser
+and no gradient. The math lives in :mod:`rece_lightning.closed_form`, the choice of rows in the method, the model
+family's layout in :mod:`rece_lightning.families`; this class owns the state and orchestrates.
 
 State: the edited weights of every K/V matrix are ``W_orig @ transform`` with one d x d float64 ``transform`` (see
 ``closed_form``), so a checkpoint holds that matrix (4.7 MB for SD 1.x) instead of the U-Net.
@@ -12,6 +13,7 @@ State: the edited weights of every K/V matrix are ``W_orig @ transform`` with on
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections import Counter
@@ -26,79 +28,53 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from rece_lightning import closed_form, diffusion, distributed
+from rece_lightning import closed_form, diffusion, distributed, tokens
 from rece_lightning.base_cache import BaseModelCache
 from rece_lightning.data import ConceptDataModule, ConceptSet
-from rece_lightning.diffusion import TOKEN_MODES, EncodedPrompt, TokenMode
+from rece_lightning.diffusion import ModelSource
 from rece_lightning.export import (
     BASE_IDENTITY_KEY,
     ERASED_IDENTITY_KEY,
     MANIFEST_NAME,
     TRANSFORM_KEY,
     check_pipeline_export_folder,
-    check_writable_folder,
     kv_identity,
     save_erased,
     save_erased_pipeline,
 )
+from rece_lightning.families import EncodedPrompt, ModelFamily, family_for_class, family_of
+from rece_lightning.files import check_writable_folder
+from rece_lightning.methods import RECE, ErasureMethod, from_spec
 from rece_lightning.precision import check_trainer_precision
+from rece_lightning.validation import check_choice
 
 __all__ = ["RECEModule"]
 
 MAX_SENSIBLE_ROUNDS = 50  # the paper uses 1-10; more is allowed, with a warning
 EXPORT_FORMATS = ("kv", "diffusers")
 LOW_RANK_KEY = "rece_low_rank_factors"
-# lambda_2 and lambda of Eq. 7 weigh a d x d identity against sums of outer products of text embeddings, whose scale
-# is ~1-1e3 for CLIP-like encoders: far above it, the edit or c' is numerically nothing (the solves see lambda * I).
-MAX_REGULARISER = 1e6
 NEGLIGIBLE_EDIT = 1e-9  # relative change of the transform under which an edit is reported as doing nothing
 
 
-def _check(name: str, value: float, *, strictly_positive: bool, maximum: float | None = None) -> None:
-    bound_ok = value > 0 if strictly_positive else value >= 0
-    if maximum is not None and bound_ok:
-        bound_ok = value <= maximum
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not bound_ok:
-        allowed = "a finite number > 0" if strictly_positive else "a finite number >= 0"
-        if maximum is not None:
-            allowed += (
-                f" and <= {maximum:g} (larger values make the edit numerically nothing; the reference uses 0.1, "
-                "artists 1e-3 for reg)"
-            )
-        raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
-
-
 def _check_export_format(export_format: str) -> str:
-    if export_format not in EXPORT_FORMATS:
-        raise ValueError(f"export_format={export_format!r} is not allowed: choose one of {list(EXPORT_FORMATS)}")
-    return export_format
+    return check_choice("export_format", export_format, EXPORT_FORMATS)
 
 
 class RECEModule(pl.LightningModule):
-    """Erase concepts from a Stable Diffusion U-Net with RECE (ECCV 2024): UCE, then one derive-erase round per epoch.
+    """Erase concepts from a text-to-image model with a closed-form method: RECE (ECCV 2024) by default, its UCE edit
+    and then one derive-erase round per epoch.
 
     Args:
-        pretrained_model_name_or_path: hub id (e.g. ``CompVis/stable-diffusion-v1-4``) or local folder of a
-            diffusers ``StableDiffusionPipeline`` (as with ``from_pretrained``).
+        pretrained_model_name_or_path: hub id (e.g. ``CompVis/stable-diffusion-v1-4``) or local folder of a diffusers
+            pipeline of a supported family (SD 1.x / 2.x, SDXL, PixArt-α / Σ), as with ``from_pretrained``; or a
+            :class:`~rece_lightning.diffusion.ModelSource` that makes one (``rece_lightning.testing.TinyPipeline``).
         erase_concepts: concepts to erase (Eq. 2's set E), e.g. ``["nudity"]``.
         guide_concepts: destination of each concept (Eq. 2's c*): one for all or one per concept. " " is the empty
             prompt (the reference destination of "nudity"); artists use "art".
         preserve_concepts: concepts whose K/V outputs are kept (Eq. 2's set P), e.g. other artists' names.
-        lamb: lambda_2 of Eq. 2, the pull of each edit towards the current weights (reference 0.1).
-        erase_scale: weight of the erase term of Eq. 2 (reference 1).
-        preserve_scale: lambda_1 of Eq. 2, weight of the preserve term (reference 0.1).
-        reg: lambda of Eq. 7, pulls the derived embedding c' towards 0 to spare unrelated concepts (Theorem 1);
-            0.1 for nudity / unsafe concepts, 1e-3 for artistic styles.
-        uce_tokens: token positions of the preliminary UCE edit: ``last_word_onward`` (reference: from each prompt's
-            last word token to the end, aligned between concept and guide) or ``all`` (77 positions).
-        rece_tokens: token positions of the RECE epochs' erase pairs (c', guide): ``all`` (reference) or
-            ``last_word_onward``.
-        preserve_guides: as in the reference code, also preserve each concept's guide prompt over all 77 positions
-            with ``preserve_scale`` (once per concept) in every edit.
-        uce_lamb: lambda_2 of the preliminary UCE edit alone (``null``: ``lamb``). The authors' ``train_uce.py`` uses
-            0.5 there while their epochs use 0.1.
-        uce_preserve_scale: lambda_1 of the preliminary UCE edit alone (``null``: ``preserve_scale``); the authors'
-            released nudity model used 1.0.
+        method: the erasure method and its hyper-parameters (:mod:`rece_lightning.methods`): ``RECE`` (default:
+            lambda_1 = lambda_2 = 0.1, erase scale 1, Eq. 7's lambda 0.1) or ``UCE`` (``max_epochs=0``), as
+            ``class_path`` / ``init_args`` in a config.
         dtype: dtype of the pipeline's weights: ``float32``, ``float16``, ``bfloat16`` or ``float64``. The solves run in
             float64.
         export_dir: where the erased model is written at the end of fit; ``{log_dir}`` stands for the run's log
@@ -108,62 +84,33 @@ class RECEModule(pl.LightningModule):
             loads with ``from_pretrained`` and no project code, plus the same manifest.
         cache_dir: folder where the base model's Gram matrix and prompt encodings are kept across runs (keyed by a
             hash of its K/V weights), e.g. ``~/.cache/rece-lightning``; ``null``: in memory only, for this process.
-        create_tiny_pipeline: testing aid: if ``pretrained_model_name_or_path`` is a missing local folder, write a
-            random tiny SD-1.x-shaped pipeline there first (offline smoke runs).
-        tiny_pipeline_tokenizer: folder of the real CLIP tokenizer for ``create_tiny_pipeline`` (else a small BPE).
-        tiny_architecture: shape of that tiny pipeline: ``sd1``, ``sd2`` or ``sdxl``.
     """
 
     def __init__(
         self,
-        pretrained_model_name_or_path: str = "CompVis/stable-diffusion-v1-4",
+        pretrained_model_name_or_path: str | ModelSource = "CompVis/stable-diffusion-v1-4",
         erase_concepts: list[str] | str = "nudity",
         guide_concepts: list[str] | str = " ",
         preserve_concepts: list[str] | None = None,
-        lamb: float = 0.1,
-        erase_scale: float = 1.0,
-        preserve_scale: float = 0.1,
-        reg: float = 0.1,
-        uce_tokens: TokenMode = "last_word_onward",
-        rece_tokens: TokenMode = "all",
-        preserve_guides: bool = True,
-        uce_lamb: float | None = None,
-        uce_preserve_scale: float | None = None,
+        method: ErasureMethod | None = None,
         dtype: str = "float32",
         export_dir: str | None = "{log_dir}/erased",
         export_format: str = "kv",
         cache_dir: str | None = None,
-        create_tiny_pipeline: bool = False,
-        tiny_pipeline_tokenizer: str | None = None,
-        tiny_architecture: str = "sd1",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.method = RECE() if method is None else from_spec(method)
+        self._model_source = pretrained_model_name_or_path  # a ModelSource makes its model in setup
+        path = diffusion.describe_model(pretrained_model_name_or_path)
+        self.save_hyperparameters(ignore=["method", "pretrained_model_name_or_path"])
+        self.hparams["pretrained_model_name_or_path"] = path
+        self.hparams["method"] = self.method.spec()  # rebuilds the method in load_from_checkpoint
         self.concepts = ConceptSet.from_config(erase_concepts, guide_concepts, preserve_concepts)
-        _check("lamb", lamb, strictly_positive=True, maximum=MAX_REGULARISER)
-        _check("reg", reg, strictly_positive=True, maximum=MAX_REGULARISER)
-        _check("erase_scale", erase_scale, strictly_positive=False)
-        _check("preserve_scale", preserve_scale, strictly_positive=False)
-        if uce_lamb is not None:
-            _check("uce_lamb", uce_lamb, strictly_positive=True, maximum=MAX_REGULARISER)
-        if uce_preserve_scale is not None:
-            _check("uce_preserve_scale", uce_preserve_scale, strictly_positive=False)
-        for name, mode in (("uce_tokens", uce_tokens), ("rece_tokens", rece_tokens)):
-            if mode not in TOKEN_MODES:
-                raise ValueError(f"{name}={mode!r} is not allowed: choose one of {list(TOKEN_MODES)}")
         self.weight_dtype = diffusion.resolve_dtype(dtype)
-        if tiny_architecture not in diffusion.TINY_ARCHITECTURES:
-            raise ValueError(
-                f"tiny_architecture={tiny_architecture!r} is not allowed: choose one of "
-                f"{list(diffusion.TINY_ARCHITECTURES)}"
-            )
-        if not (create_tiny_pipeline and diffusion.looks_like_local_path(pretrained_model_name_or_path)):
-            diffusion.check_pretrained_path(pretrained_model_name_or_path)
-        elif Path(pretrained_model_name_or_path).expanduser().is_file():
-            raise NotADirectoryError(
-                f"pretrained_model_name_or_path={pretrained_model_name_or_path!r} is a file: create_tiny_pipeline "
-                "writes a pipeline folder there"
-            )
+        self.family: ModelFamily | None = None
+        if not isinstance(pretrained_model_name_or_path, ModelSource):
+            class_name = diffusion.check_pretrained_path(path)
+            self.family = None if class_name is None else family_for_class(class_name, path)
         _check_export_format(export_format)
         if export_dir is not None and "{log_dir}" not in export_dir:
             if export_format == "diffusers":
@@ -184,6 +131,7 @@ class RECEModule(pl.LightningModule):
         self._loaded_state = False  # a state restored before any pipeline was attached (load_from_checkpoint)
         self._base_identity: str | None = None
         self.recommended: RecommendedState | None = None  # set by a selector callback: the state to export
+        self._write_edits = True  # whether edit() writes the weights (erase() defers the write to its end)
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -200,19 +148,16 @@ class RECEModule(pl.LightningModule):
                     "(python train.py picks it for a RECE fit on several devices)"
                 )
             if stage == "fit":
-                self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps)
-        path = self.hparams.pretrained_model_name_or_path
-        if self.hparams.create_tiny_pipeline and not Path(path, "model_index.json").expanduser().is_file():
-            tokenizer = self.hparams.tiny_pipeline_tokenizer
-            if tokenizer is not None and not Path(tokenizer, "vocab.json").is_file():
-                rank_zero_warn(f"tiny_pipeline_tokenizer={tokenizer!r} holds no vocab.json: training a small BPE")
-                tokenizer = None
-            diffusion.build_tiny_pipeline(path, tokenizer=tokenizer, architecture=self.hparams.tiny_architecture)
+                self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps, self.method)
+        path = os.fspath(self._model_source)  # made now if it is a ModelSource
+        class_name = diffusion.check_pretrained_path(path)
+        if class_name is not None:  # else a hub id whose model_index.json is not cached: checked once loaded
+            self.family = family_for_class(class_name, path)
         self._check_prompts(diffusion.load_tokenizer(path))
         self.attach_pipeline(diffusion.load_pipeline(path, dtype=self.weight_dtype))
 
     @staticmethod
-    def _check_rounds(max_epochs: int | None, max_steps: int) -> int:
+    def _check_rounds(max_epochs: int | None, max_steps: int, method: ErasureMethod | None = None) -> int:
         """The number of derive-erase rounds must be said (Lightning would run 1000) and sane; returns it.
 
         Each epoch is one closed-form step, so ``max_steps`` alone (Lightning then sets ``max_epochs=-1``) counts
@@ -233,6 +178,11 @@ class RECEModule(pl.LightningModule):
                 f"trainer.max_epochs={rounds} is not allowed for RECE: give the number of derive-erase rounds, "
                 ">= 0 (0 is the UCE edit alone), as max_epochs or max_steps"
             )
+        if rounds > 0 and method is not None and not method.has_rounds:
+            raise ValueError(
+                f"trainer.max_epochs={rounds} is not allowed for method {method.name}: it has no rounds, only its "
+                "initial edit; give trainer.max_epochs=0"
+            )
         if rounds > MAX_SENSIBLE_ROUNDS:
             rank_zero_warn(
                 f"trainer.max_epochs={rounds}: the paper uses 1-10 derive-erase rounds. Each round edits up to one "
@@ -248,12 +198,13 @@ class RECEModule(pl.LightningModule):
         ``pipeline``; otherwise the state starts unedited.
         """
         self.pipeline = pipeline
+        self.family = family_of(pipeline)
         self._embeddings.clear()
         self._derived = None
         self._base_identity = None
         # The base K/V are the parameters' own tensors until the first write gives the parameters storage of their
         # own (_write): no copy of all K/V up front (77 MB on SD 1.4, the largest share of a warm erasure's time).
-        self.original_kv = {name: w.detach() for name, w in diffusion.kv_weights(pipeline.unet).items()}
+        self.original_kv = {name: w.detach() for name, w in diffusion.kv_weights(pipeline).items()}
         device = next(iter(self.original_kv.values())).device
         self.base_cache = BaseModelCache(self.original_kv, self.hparams.cache_dir)
         gram = self.base_cache.gram(lambda: closed_form.gram_matrix(list(self.original_kv.values()))).to(device).clone()
@@ -297,20 +248,20 @@ class RECEModule(pl.LightningModule):
 
     def _check_prompts(self, tokenizer) -> None:
         """Every concept, guide and preserved prompt fits the text encoder and is made of words its tokenizer knows."""
-        limit = tokenizer.model_max_length
+        limit = self.family.max_length(tokenizer) if self.family is not None else tokenizer.model_max_length
         for prompt in self.concepts.prompts:
-            unknown = diffusion.unknown_words(tokenizer, prompt)
+            unknown = tokens.unknown_words(tokenizer, prompt)
             if unknown:
                 raise ValueError(
                     f"concept {prompt!r}: the tokenizer of {self.hparams.pretrained_model_name_or_path!r} does not "
                     f"know {unknown} (it reads them as {tokenizer.unk_token!r}, so the edit would erase that token): "
                     f"use words of its vocabulary ({len(tokenizer)} tokens)"
                 )
-            count = diffusion.token_count(tokenizer, prompt)
+            count = tokens.token_count(tokenizer, prompt)
             if count > limit:
                 raise ValueError(
-                    f"concept {prompt!r} is {count} tokens long (BOS and EOS included); the text encoder takes at "
-                    f"most {limit}: shorten it"
+                    f"concept {prompt!r} is {count} tokens long (special tokens included); the text encoder takes "
+                    f"at most {limit}: shorten it"
                 )
 
     def on_fit_start(self) -> None:
@@ -320,7 +271,7 @@ class RECEModule(pl.LightningModule):
         if int(self.edits_applied) == 0:
             started = time.perf_counter()
             self.apply_uce()
-            rank_zero_info(f"RECE: preliminary UCE edit done in {time.perf_counter() - started:.3f} s")
+            rank_zero_info(f"{self.method.name}: initial edit done in {time.perf_counter() - started:.3f} s")
         else:  # resumed from a checkpoint: the transform was restored, the U-Net still holds the original weights
             self._write(
                 self.transform,
@@ -336,21 +287,22 @@ class RECEModule(pl.LightningModule):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
         if missing:
             found = self.base_cache.encodings(
-                self.pipeline, missing, lambda texts: diffusion.encode_prompts(self.pipeline, texts)
+                self.pipeline, missing, lambda texts: self.family.encode(self.pipeline, texts)
             )
-            device = self.pipeline.unet.device
+            device = self.family.denoiser(self.pipeline).device
             for prompt, encoded in zip(missing, found, strict=True):
                 pooled = None if encoded.pooled is None else encoded.pooled.to(device)
                 self._embeddings[prompt] = EncodedPrompt(encoded.embedding.to(device), encoded.length, pooled)
         return [self._embeddings[p] for p in prompts]
 
-    def _preserved(self, concepts: ConceptSet) -> list[Tensor]:
-        """Rows of Eq. 2's preserve term: the guides (once per concept, as in the reference code) and ``preserve``.
+    def preserved(self, concepts: ConceptSet, with_guides: bool = True) -> list[Tensor]:
+        """Rows of Eq. 2's preserve term: the guides (once per concept, as in the reference code; if ``with_guides``)
+        and ``preserve``.
 
         A prompt listed k times enters once, scaled by sqrt(k): the same sum of outer products with 1/k of the rows
         (1000 concepts with the guide " " would otherwise stack 77,000 identical rows).
         """
-        guides = list(concepts.guides) if self.hparams.preserve_guides else []
+        guides = list(concepts.guides) if with_guides else []
         counts = Counter(guides + list(concepts.preserve))
         return [  # scaled in float64: a float32 product would perturb the rows by 1e-7, amplified by cond(B) ~ 1e6
             e.embedding if counts[p] == 1 else e.embedding.to(torch.float64) * math.sqrt(counts[p])
@@ -358,58 +310,44 @@ class RECEModule(pl.LightningModule):
         ]
 
     def apply_uce(self, write: bool = True) -> None:
-        """Algorithm 1, line 6: the preliminary UCE edit, Eq. 3 on the concepts' own embeddings."""
-        sources, targets = [], []
-        concepts = self.concepts
-        self.encoded(concepts.prompts)  # every prompt of the edit in one batch of the text encoder, not one per role
-        for concept, guide in zip(self.encoded(list(concepts.erase)), self.encoded(list(concepts.guides)), strict=True):
-            source, target = diffusion.select_tokens(
-                concept.embedding, concept.length, guide.embedding, guide.length, self.hparams.uce_tokens
-            )
-            sources.append(source)
-            targets.append(target)
-        hp = self.hparams
-        self._edit(
-            sources,
-            targets,
-            self._preserved(concepts),
-            write=write,
-            lamb=hp.lamb if hp.uce_lamb is None else hp.uce_lamb,
-            preserve_scale=hp.preserve_scale if hp.uce_preserve_scale is None else hp.uce_preserve_scale,
-        )
+        """The method's initial edit (RECE: Algorithm 1, line 6, the preliminary UCE edit)."""
+        self._write_edits = write
+        try:
+            self.method.initial_edit(self, self.concepts)
+        finally:
+            self._write_edits = True
 
-    def derived_embeddings(self, concepts: ConceptSet | None = None) -> dict[str, Tensor]:
-        """Eq. 8 for every concept in the current state: c' (77, d) in float64, keyed by concept.
+    def derived_embeddings(self, concepts: ConceptSet | None = None, reg: float | None = None) -> dict[str, Tensor]:
+        """Eq. 8 for every concept in the current state: c' (T, d) in float64, keyed by concept; ``reg``: Eq. 7's
+        lambda (default: the method's ``probe_reg``, RECE's own ``reg``).
 
-        Cached per state, so callbacks that look at c' before an epoch and the epoch itself share one computation.
+        Cached per state and ``reg``, so callbacks that look at c' before an epoch and the epoch itself share one
+        computation.
         """
         concepts = concepts or self.concepts
-        state = int(self.edits_applied)
-        if self._derived is None or self._derived[0] != state or not set(concepts.erase) <= set(self._derived[1]):
+        reg = self.method.probe_reg if reg is None else reg
+        key = (int(self.edits_applied), reg)
+        if self._derived is None or self._derived[0] != key or not set(concepts.erase) <= set(self._derived[1]):
             state_now = closed_form.SharedState(self.transform, self.hessian)
             # All concepts in one solve (one factorisation of the d x d system, however many concepts); kept in
             # float64: c' is erased next, and rounding it to the encoder's dtype costs ~1e-6.
             stacked = torch.stack([e.embedding for e in self.encoded(list(concepts.erase))]).to(torch.float64)
-            solved = closed_form.derive_embedding_from_state(state_now, self.gram, stacked, reg=self.hparams.reg)
+            solved = closed_form.derive_embedding_from_state(state_now, self.gram, stacked, reg=reg)
             derived = dict(zip(concepts.erase, solved.unbind(0), strict=True))
-            self._derived = (state, derived)
+            self._derived = (key, derived)
         return {name: self._derived[1][name] for name in concepts.erase}
 
     def derive_and_erase(self, concepts: ConceptSet, write: bool = True) -> None:
-        """Algorithm 1, lines 8-16: derive c' for each concept (Eq. 8), erase all c' at once (Eq. 3).
+        """One round of the method on ``concepts`` (RECE: Algorithm 1, lines 8-16, derive c' by Eq. 8 and erase it
+        by Eq. 3).
 
-        Eq. 8 needs only the transform and G, so ``write=False`` may leave the U-Net's weights for later.
+        RECE's round needs only the transform and G, so ``write=False`` may leave the weights for later.
         """
-        derived = self.derived_embeddings(concepts)
-        sources, targets = [], []
-        for name, guide in zip(concepts.erase, self.encoded(list(concepts.guides)), strict=True):
-            concept_length = self.encoded([name])[0].length
-            source, target = diffusion.select_tokens(
-                derived[name], concept_length, guide.embedding, guide.length, self.hparams.rece_tokens
-            )
-            sources.append(source)
-            targets.append(target)
-        self._edit(sources, targets, self._preserved(concepts), write=write)
+        self._write_edits = write
+        try:
+            self.method.round(self, concepts)
+        finally:
+            self._write_edits = True
 
     def erase(self, epochs: int) -> None:
         """The whole of Algorithm 1 without a Trainer (library use, benchmarks): UCE, then ``epochs`` rounds.
@@ -444,41 +382,42 @@ class RECEModule(pl.LightningModule):
         progress.increment_ready()
         progress.increment_completed()
 
-    def _edit(
+    def edit(
         self,
         sources: list[Tensor],
         targets: list[Tensor],
         preserved: list[Tensor],
-        write: bool,
-        lamb: float | None = None,
-        preserve_scale: float | None = None,
+        *,
+        lamb: float,
+        erase_scale: float,
+        preserve_scale: float,
     ) -> None:
-        """Compose one Eq. 3 edit (``W_new = W_cur @ X``) into the state; refuse non-finite results."""
+        """Compose one Eq. 3 edit (``W_new = W_cur @ X``) into the state and the weights (unless a caller defers the
+        write, as :meth:`erase` does); refuse non-finite results."""
         edited = closed_form.replace_edit(
             closed_form.SharedState(self.transform, self.hessian, *self._current_factors()),
             self.gram,
             sources,
             targets,
             preserved,
-            lamb=self.hparams.lamb if lamb is None else lamb,
-            erase_scale=self.hparams.erase_scale,
-            preserve_scale=self.hparams.preserve_scale if preserve_scale is None else preserve_scale,
+            lamb=lamb,
+            erase_scale=erase_scale,
+            preserve_scale=preserve_scale,
         )
         if not (torch.isfinite(edited.transform).all() and torch.isfinite(edited.hessian).all()):
             raise FloatingPointError(
-                f"RECE edit {int(self.edits_applied)} gives a non-finite transform; lower erase_scale or raise lamb. "
+                f"{self.method.name} edit {int(self.edits_applied)} gives a non-finite transform; lower erase_scale or "
+                "raise lamb. "
                 "The run stops and nothing is exported."
             )
         change = torch.linalg.matrix_norm(edited.transform - self.transform) / torch.linalg.matrix_norm(self.transform)
         if float(change) < NEGLIGIBLE_EDIT:
-            hp = self.hparams
             rank_zero_warn(
-                f"RECE edit {int(self.edits_applied)} changes the K/V by {float(change):.1e} (relative): numerically "
-                f"nothing: the erase term (erase_scale={hp.erase_scale!r}) is outweighed by "
-                f"lamb={lamb if lamb is not None else hp.lamb!r} and the preserve term; the reference uses "
-                "erase_scale=1, lamb=0.1"
+                f"{self.method.name} edit {int(self.edits_applied)} changes the K/V by {float(change):.1e} "
+                f"(relative): numerically nothing: the erase term (erase_scale={erase_scale!r}) is outweighed by "
+                f"lamb={lamb!r} and the preserve term; the reference uses erase_scale=1, lamb=0.1"
             )
-        if write:
+        if self._write_edits:
             self._write(edited.transform, previous=self.transform, factors=(edited.left, edited.right))
         self.transform.copy_(edited.transform)
         self.hessian.copy_(edited.hessian)
@@ -545,7 +484,8 @@ class RECEModule(pl.LightningModule):
                 for done in (*written, name):
                     live[done].copy_(closed_form.apply_transform(self.original_kv[done], previous))
                 raise FloatingPointError(
-                    f"RECE edit {int(self.edits_applied)} gives non-finite {self.hparams.dtype} K/V weights in "
+                    f"{self.method.name} edit {int(self.edits_applied)} gives non-finite {self.hparams.dtype} K/V "
+                    "weights in "
                     f"{name!r}; lower erase_scale or raise lamb. The run stops and nothing is exported."
                 )
             written.append(name)
@@ -559,24 +499,19 @@ class RECEModule(pl.LightningModule):
 
     def kv_state(self) -> dict[str, Tensor]:
         """The live K/V weights of the U-Net (not copies)."""
-        return diffusion.kv_weights(self.pipeline.unet)
+        return diffusion.kv_weights(self.pipeline)
 
     def manifest(self) -> dict[str, Any]:
         """What an export of the current state records about how it was made."""
         hparams = dict(self.hparams)
         return {
-            "method": "RECE",
+            "method": self.method.name,
             "base_model": hparams["pretrained_model_name_or_path"],
             BASE_IDENTITY_KEY: self.base_identity,
             "erase_concepts": list(self.concepts.erase),
             "guide_concepts": list(self.concepts.guides),
             "preserve_concepts": list(self.concepts.preserve),
-            "hyperparameters": {
-                key: hparams[key]
-                for key in ("lamb", "erase_scale", "preserve_scale", "reg", "uce_lamb", "uce_preserve_scale")
-            },
-            "token_modes": {"uce": hparams["uce_tokens"], "rece": hparams["rece_tokens"]},
-            "preserve_guides": hparams["preserve_guides"],
+            **self.method.settings(),
             "dtype": hparams["dtype"],
             "rece_epochs": self.rece_epochs_done,
         }
@@ -602,11 +537,11 @@ class RECEModule(pl.LightningModule):
         if transform is None:
             return save_erased_pipeline(folder, self.pipeline, manifest)
         current = {name: w.detach().clone() for name, w in self.kv_state().items()}
-        diffusion.write_kv_weights(self.pipeline.unet, weights)
+        diffusion.write_kv_weights(self.pipeline, weights)
         try:
             return save_erased_pipeline(folder, self.pipeline, manifest)
         finally:
-            diffusion.write_kv_weights(self.pipeline.unet, current)
+            diffusion.write_kv_weights(self.pipeline, current)
 
     def recommend(self, state: int, transform: Tensor, reason: str, source: str) -> None:
         """A selector's choice of the state to export (``export_dir`` gets it at the end of fit; the last state, if
@@ -630,7 +565,7 @@ class RECEModule(pl.LightningModule):
 
     def _announce_outputs(self) -> None:
         checkpoints = getattr(self.trainer.checkpoint_callback, "dirpath", None)
-        rounds = self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps)
+        rounds = self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps, self.method)
         rank_zero_info(
             f"RECE: {rounds} derive-erase rounds after the UCE edit; logs in "
             f"{self.trainer.log_dir or 'nowhere (no logger)'}; checkpoints in {checkpoints or 'none'}; export to "

@@ -34,7 +34,7 @@ def datasets_or_skip() -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A tiny SD-1.x-shaped pipeline with the real CLIP tokenizer when ../shared has it (else a trained BPE)."""
-    from rece_lightning.diffusion import build_tiny_pipeline
+    from rece_lightning.testing import build_tiny_pipeline
 
     tokenizer = CLIP_TOKENIZER if (CLIP_TOKENIZER / "vocab.json").is_file() else None
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd", tokenizer=tokenizer)
@@ -46,6 +46,28 @@ def tiny_pipeline_copy(tiny_pipeline_dir, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_pipeline_dir, tmp_path / "tiny-sd"))
 
 
+RECE_OPTIONS = (
+    "lamb",
+    "erase_scale",
+    "preserve_scale",
+    "reg",
+    "uce_tokens",
+    "rece_tokens",
+    "preserve_guides",
+    "uce_lamb",
+    "uce_preserve_scale",
+)
+
+
+def with_method(kwargs: dict) -> dict:
+    """RECEModule keyword arguments with RECE's own options (``reg=...``) gathered into ``method=RECE(...)``."""
+    from rece_lightning.methods import RECE
+
+    options = {k: kwargs[k] for k in RECE_OPTIONS if k in kwargs}
+    rest = {k: v for k, v in kwargs.items() if k not in RECE_OPTIONS}
+    return {**rest, "method": RECE(**options)} if options else rest
+
+
 def fit_tiny(pipeline_dir: Path, root: Path, *, max_epochs: int = 2, callbacks=None, ckpt_path=None, **module_kwargs):
     """Run a real Lightning fit of RECEModule on the tiny pipeline; returns (trainer, module)."""
     import lightning.pytorch as pl
@@ -53,7 +75,7 @@ def fit_tiny(pipeline_dir: Path, root: Path, *, max_epochs: int = 2, callbacks=N
 
     from rece_lightning import RECEModule
 
-    module = RECEModule(pretrained_model_name_or_path=str(pipeline_dir), **module_kwargs)
+    module = RECEModule(pretrained_model_name_or_path=str(pipeline_dir), **with_method(module_kwargs))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,

@@ -13,10 +13,12 @@ import torch
 
 from callbacks import NudityCheckpointSelector, ProbeImages
 from callbacks.probing import ProbeSettings, generate_probes
-from rece_lightning import RECEModule, base_cache, closed_form, diffusion, load_erased
+from rece_lightning import RECEModule, base_cache, closed_form, diffusion, families, load_erased, testing
 from rece_lightning.data import PromptDataModule
 from rece_lightning.evaluation import ErasureEvaluator
 from rece_lightning.export import MANIFEST_NAME, WEIGHTS_NAME
+from rece_lightning.methods import RECE
+from rece_lightning.tokens import select_tokens
 from tests.conftest import CLIP_TOKENIZER, fit_tiny
 
 PROBE = ProbeSettings(num_images=1, num_inference_steps=2, height=32, width=32)
@@ -26,7 +28,7 @@ TOKENIZER = CLIP_TOKENIZER if (CLIP_TOKENIZER / "vocab.json").is_file() else Non
 @pytest.fixture(scope="module", params=["sd2", "sdxl"])
 def arch_pipeline_dir(request, tmp_path_factory) -> tuple[str, Path]:
     folder = tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}"
-    return request.param, diffusion.build_tiny_pipeline(folder, tokenizer=TOKENIZER, architecture=request.param)
+    return request.param, testing.build_tiny_pipeline(folder, tokenizer=TOKENIZER, architecture=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,9 @@ def test_tiny_pipelines_have_their_architecture_after_from_pretrained(arch_pipel
     index = json.loads((folder / "model_index.json").read_text())
     pipeline = diffusion.load_pipeline(str(folder))
     kv = diffusion.kv_weights(pipeline.unet)
-    encoded = diffusion.encode_prompts(pipeline, ["nudity"])[0]
+    encoded = families.encode_prompts(pipeline, ["nudity"])[0]
     if architecture == "sdxl":
-        assert index["_class_name"] == "StableDiffusionXLPipeline" and diffusion.is_sdxl(pipeline)
+        assert index["_class_name"] == "StableDiffusionXLPipeline" and (families.family_of(pipeline).name == "sdxl")
         # d = both encoders' widths, concatenated, as the pipeline's own encode_prompt gives it
         width = pipeline.text_encoder.config.hidden_size + pipeline.text_encoder_2.config.hidden_size
         assert encoded.pooled is not None and encoded.pooled.shape == (pipeline.text_encoder_2.config.projection_dim,)
@@ -53,7 +55,7 @@ def test_tiny_pipelines_have_their_architecture_after_from_pretrained(arch_pipel
         torch.testing.assert_close(encoded.embedding, reference[0][0])
         torch.testing.assert_close(encoded.pooled, reference[2][0])
     else:
-        assert index["_class_name"] == "StableDiffusionPipeline" and not diffusion.is_sdxl(pipeline)
+        assert index["_class_name"] == "StableDiffusionPipeline" and not (families.family_of(pipeline).name == "sdxl")
         assert pipeline.scheduler.config.prediction_type == "v_prediction"
         width = pipeline.text_encoder.config.hidden_size
         assert encoded.pooled is None
@@ -129,8 +131,8 @@ def test_one_prompt_evaluation(arch_fit, tmp_path):
 
 def test_sdxl_probe_of_c_prime_equals_the_concept_probe_on_the_unedited_model(tmp_path):
     """The probe passes the concept's own pooled embedding with c': on the unedited model c' -> c as reg -> 0."""
-    folder = diffusion.build_tiny_pipeline(tmp_path / "xl", tokenizer=TOKENIZER, architecture="sdxl")
-    module = RECEModule(str(folder), erase_concepts=["nudity"], reg=1e-9, export_dir=None)
+    folder = testing.build_tiny_pipeline(tmp_path / "xl", tokenizer=TOKENIZER, architecture="sdxl")
+    module = RECEModule(str(folder), erase_concepts=["nudity"], method=RECE(reg=1e-9), export_dir=None)
     module.attach_pipeline(diffusion.load_pipeline(str(folder)))
     probes = generate_probes(module, PROBE)  # state: nothing edited
     derived, concept = module.derived_embeddings()["nudity"], module.encoded(["nudity"])[0].embedding
@@ -138,7 +140,7 @@ def test_sdxl_probe_of_c_prime_equals_the_concept_probe_on_the_unedited_model(tm
     np.testing.assert_allclose(probes.derived["nudity"], probes.prompt["nudity"], atol=1e-4)
     # Without a pooled embedding an SDXL pipeline cannot generate from embeddings: said, not guessed.
     with pytest.raises(ValueError, match="pooled"):
-        diffusion.embedding_inputs(module.pipeline, concept[None])
+        families.family_of(module.pipeline).embedding_inputs(module.pipeline, concept[None])
 
 
 @pytest.mark.parametrize(
@@ -148,7 +150,7 @@ def test_sdxl_probe_of_c_prime_equals_the_concept_probe_on_the_unedited_model(tm
         ("FluxPipeline", "no cross-attention key/value"),
         ("KandinskyV22Pipeline", "not supported"),
         # cross-attention DiTs do read the text through attn2: not "no cross-attention", but not supported yet
-        ("PixArtAlphaPipeline", "not supported yet: its transformer's attn2 is a cross-attention"),
+        ("LuminaPipeline", "not supported yet: its transformer's attn2 is a cross-attention"),
         ("SanaPipeline", "not supported yet"),
         ("HunyuanDiTPipeline", "not supported yet"),
     ],
@@ -180,14 +182,18 @@ def test_diffusers_export_refuses_a_folder_with_other_files_before_fit(tiny_pipe
 def test_gram_and_encodings_are_reused_from_memory_and_from_disk(tiny_pipeline_dir, tmp_path, monkeypatch):
     pipeline = diffusion.load_pipeline(str(tiny_pipeline_dir))
     calls = []
-    real_encode = diffusion.encode_prompts
+    real_encode = families.StableDiffusion.encode
     monkeypatch.setattr(
-        diffusion, "encode_prompts", lambda p, texts: calls.append(list(texts)) or real_encode(p, texts)
+        families.StableDiffusion,
+        "encode",
+        lambda self, p, texts: calls.append(list(texts)) or real_encode(self, p, texts),
     )
     cache = tmp_path / "cache"
 
     def erased(reg: float) -> tuple[RECEModule, dict]:
-        module = RECEModule(str(tiny_pipeline_dir), erase_concepts=["nudity"], reg=reg, cache_dir=str(cache))
+        module = RECEModule(
+            str(tiny_pipeline_dir), erase_concepts=["nudity"], method=RECE(reg=reg), cache_dir=str(cache)
+        )
         module.attach_pipeline(pipeline)
         module.erase(2)
         weights = {n: w.clone() for n, w in module.kv_state().items()}
@@ -225,9 +231,7 @@ def test_many_concepts_at_once_match_the_per_matrix_solve(tiny_pipeline_dir):
     encoded = {e: module.encoded([e])[0] for e in [*concepts, " "]}
     guide = encoded[" "]
     pairs = [
-        diffusion.select_tokens(
-            encoded[c].embedding, encoded[c].length, guide.embedding, guide.length, "last_word_onward"
-        )
+        select_tokens(encoded[c].embedding, encoded[c].length, guide.embedding, guide.length, "last_word_onward")
         for c in concepts
     ]
     preserve = [guide.embedding] * len(concepts)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from rece_lightning.testing import TinyPipeline
 from tests.conftest import datasets_or_skip
 from train import cli_main
 
@@ -42,7 +43,7 @@ def test_config_parses_against_the_code_and_is_headed_by_its_command(
     first_line = config.read_text().splitlines()[0]
     assert first_line.startswith("# python train.py ") and config.name in first_line
     subcommand = first_line.split()[3]
-    args = ["--config", str(config)]
+    args = _config_args(config)
     if subcommand == "test":
         # Evaluation configs name a model folder, an export and a prompt CSV that exist only after other runs: point
         # them at the tiny pipeline, an export of it and the same CSV in ../shared/datasets.
@@ -74,7 +75,7 @@ def test_smoke_config_runs_the_whole_loop_and_prints_what_is_worth_reading(
     tokenizer = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
     args = ["fit", "--config", str(config)]
     if tokenizer.is_dir():
-        args.append(f"--model.tiny_pipeline_tokenizer={tokenizer}")
+        args.append(f"--model.pretrained_model_name_or_path.tokenizer={tokenizer}")
     caplog.set_level(logging.INFO)
     cli = cli_main(args)
     assert cli.model.rece_epochs_done == cli.trainer.max_epochs
@@ -89,8 +90,8 @@ def test_smoke_config_runs_the_whole_loop_and_prints_what_is_worth_reading(
 
 def test_user_overrides_reach_the_module():
     config = Path(__file__).resolve().parents[1] / "configs" / "rece.yaml"
-    cli = cli_main(["--config", str(config), "--model.lamb=0.5", "--model.reg=0.01"], run=False)
-    assert cli.model.hparams.lamb == 0.5 and cli.model.hparams.reg == 0.01
+    cli = cli_main(["--config", str(config), "--model.method.lamb=0.5", "--model.method.reg=0.01"], run=False)
+    assert cli.model.method.lamb == 0.5 and cli.model.method.reg == 0.01
 
 
 def test_an_evaluation_config_without_an_erased_model_stops_with_a_message(tiny_pipeline_dir):
@@ -131,12 +132,12 @@ def _train_py(args: list[str], cwd: Path):
 
 
 BAD_VALUES = [
-    ("--model.lamb=nan", "--model.lamb: nan is not allowed: non-finite values (nan, inf) are refused"),
+    ("--model.method.lamb=nan", "--model.method.lamb: nan is not allowed: non-finite values (nan, inf) are refused"),
     ("--model.export_dir=config.yaml", "export_dir='config.yaml' is a file, not a folder"),
     ("--ckpt_path=missing.ckpt", "ckpt_path='missing.ckpt' does not exist"),
     ("--ckpt_path=corrupt.ckpt", "'corrupt.ckpt' is neither a RECE export (rece_kv.safetensors) nor a readable"),
     ("--model.export_dir=/proc/rece-x", "export_dir='/proc/rece-x' cannot be written"),  # root may "access" /proc
-    ("--model.lamb=1e30", "lamb=1e+30 is not allowed: it must be a finite number > 0 and <= 1e+06"),
+    ("--model.method.lamb=1e30", "lamb=1e+30 is not allowed: it must be a finite number > 0 and <= 1e+06"),
 ]
 
 
@@ -198,8 +199,8 @@ def test_output_folders_that_are_files_are_refused_before_the_model_loads(tiny_p
         RECEModule(str(tiny_pipeline_dir), export_dir=str(blocker))
     with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
         RECEModule(str(blocker))
-    with pytest.raises(NotADirectoryError, match="is a file: create_tiny_pipeline"):
-        RECEModule(str(blocker), create_tiny_pipeline=True)
+    with pytest.raises(NotADirectoryError, match="is a file: TinyPipeline writes"):
+        RECEModule(TinyPipeline(str(blocker)))
 
 
 @pytest.mark.slow  # two fits
@@ -211,7 +212,7 @@ def test_a_resumed_fit_logs_on_into_its_version_folder(tmp_path, monkeypatch):
     tokenizer = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
     args = ["fit", "--config", str(config), "--trainer.enable_progress_bar=false"]
     if tokenizer.is_dir():
-        args.append(f"--model.tiny_pipeline_tokenizer={tokenizer}")
+        args.append(f"--model.pretrained_model_name_or_path.tokenizer={tokenizer}")
     cli_main([*args, "--trainer.max_epochs=2"])
     version = tmp_path / "runs" / "smoke" / "rece" / "version_0"
     resumed = cli_main([*args, "--trainer.max_epochs=3", f"--ckpt_path={version / 'checkpoints' / 'epoch=1.ckpt'}"])
@@ -221,6 +222,13 @@ def test_a_resumed_fit_logs_on_into_its_version_folder(tmp_path, monkeypatch):
     events.Reload()
     assert sorted({s.step for s in events.Scalars("drift/total")}) == [0, 1, 2, 3]
     assert resumed.model.rece_epochs_done == 3
+
+
+def _config_args(config: Path) -> list[str]:
+    """The ``--config`` files its header's command composes (a recipe names its base config first)."""
+    words = config.read_text().splitlines()[0].split()
+    named = [words[i + 1] for i, word in enumerate(words) if word == "--config"]
+    return [arg for name in named for arg in ("--config", str(config.parents[1] / name))]
 
 
 def _on_toy_model(config: Path) -> bool:
@@ -252,7 +260,7 @@ def test_every_config_instantiates_in_a_bare_clone_offline(
     configs = sorted((clone / "configs").glob("*.yaml"))
     assert len(configs) == len(CONFIGS)
     for config in configs:
-        args = ["--config", str(config)]
+        args = _config_args(config)
         if config.read_text().splitlines()[0].split()[3] == "test":
             args.append(f"--model.erased={unedited_toy_export if _on_toy_model(config) else unedited_export}")
             if config.name == "eval_smoke.yaml":

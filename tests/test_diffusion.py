@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rece_lightning import diffusion
+from rece_lightning import diffusion, families, testing
+from rece_lightning.tokens import select_tokens
 from tests.conftest import clip_tokenizer_or_skip
 
 
@@ -52,30 +53,28 @@ def test_write_kv_weights_round_trips_and_refuses_foreign_shapes(tiny_pipeline_d
 def test_last_word_onward_matches_the_reference_slicing_with_the_real_clip_tokenizer(tiny_pipeline_dir):
     clip_tokenizer_or_skip()
     pipeline = diffusion.load_pipeline(str(tiny_pipeline_dir))
-    nudity, empty = diffusion.encode_prompts(pipeline, ["nudity", " "])
+    nudity, empty = families.encode_prompts(pipeline, ["nudity", " "])
     assert (nudity.length, empty.length) == (4, 2)  # BOS, "nu", "dity", EOS / BOS, EOS
-    source, target = diffusion.select_tokens(
-        nudity.embedding, nudity.length, empty.embedding, empty.length, "last_word_onward"
-    )
+    source, target = select_tokens(nudity.embedding, nudity.length, empty.embedding, empty.length, "last_word_onward")
     # Slice starts at "dity" (index 2) for the concept and at BOS (index 0) for " ", both 75 rows long.
     assert source.shape[0] == target.shape[0] == 75
     assert torch.equal(source, nudity.embedding[2:])
     assert torch.equal(target, empty.embedding[:75])
-    source, target = diffusion.select_tokens(nudity.embedding, 4, empty.embedding, 2, "all")
+    source, target = select_tokens(nudity.embedding, 4, empty.embedding, 2, "all")
     assert source.shape[0] == target.shape[0] == 77
     with pytest.raises(ValueError, match="'first'"):
-        diffusion.select_tokens(nudity.embedding, 4, empty.embedding, 2, "first")
+        select_tokens(nudity.embedding, 4, empty.embedding, 2, "first")
 
 
 def test_empty_and_blank_prompts_tokenize_alike(tiny_pipeline_dir):
     pipeline = diffusion.load_pipeline(str(tiny_pipeline_dir))
-    blank, empty = diffusion.encode_prompts(pipeline, [" ", ""])
+    blank, empty = families.encode_prompts(pipeline, [" ", ""])
     assert blank.length == empty.length == 2
     torch.testing.assert_close(blank.embedding, empty.embedding)
 
 
 def test_fallback_bpe_tokenizer_builds_a_working_pipeline(tmp_path):
-    folder = diffusion.build_tiny_pipeline(tmp_path / "bpe-sd")
+    folder = testing.build_tiny_pipeline(tmp_path / "bpe-sd")
     pipeline = diffusion.load_pipeline(str(folder))
     ids = pipeline.tokenizer("a painting of nudity").input_ids
     assert ids[0] == pipeline.tokenizer.bos_token_id and ids[-1] == pipeline.tokenizer.eos_token_id

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rece_lightning import diffusion, load_erased
+from rece_lightning import diffusion, load_erased, testing
 from rece_lightning.export import MANIFEST_NAME, WEIGHTS_NAME, read_manifest
 from tests.conftest import fit_tiny
 
@@ -86,7 +86,7 @@ def test_mismatched_base_model_is_refused_and_leaves_the_pipeline_untouched(fitt
 
     fewer = dict(list(weights.items())[:-2])
     save_file(fewer, str(tmp_path / "fewer.safetensors"))
-    with pytest.raises(ValueError, match=f"hold {len(fewer)} K/V matrices but this U-Net has {len(weights)}"):
+    with pytest.raises(ValueError, match=f"hold {len(fewer)} K/V matrices but this model has {len(weights)}"):
         load_erased(pipeline, tmp_path / "fewer.safetensors")
 
     wider = {n: torch.zeros(w.shape[0], w.shape[1] * 24) for n, w in weights.items()}  # a 768-wide base model
@@ -166,7 +166,7 @@ def other_base_dir(tmp_path_factory):
     from tests.conftest import CLIP_TOKENIZER
 
     tokenizer = CLIP_TOKENIZER if (CLIP_TOKENIZER / "vocab.json").is_file() else None
-    return diffusion.build_tiny_pipeline(tmp_path_factory.mktemp("other") / "other-sd", tokenizer=tokenizer, seed=1)
+    return testing.build_tiny_pipeline(tmp_path_factory.mktemp("other") / "other-sd", tokenizer=tokenizer, seed=1)
 
 
 def test_an_edit_is_refused_on_another_base_of_the_same_shapes_and_twice_on_one(fitted, other_base_dir, tmp_path):

@@ -6,17 +6,19 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from rece_lightning import RECEModule, closed_form, diffusion
-from tests.conftest import fit_tiny
+from rece_lightning import RECEModule, closed_form, diffusion, families, testing
+from rece_lightning.methods import RECE
+from rece_lightning.tokens import select_tokens
+from tests.conftest import fit_tiny, with_method
 
 
 def _reference_rece(pipeline_dir, epochs, concept="nudity", guide=" ", lamb=0.1, scale=1.0, keep=0.1, reg=0.1):
     """Algorithm 1 the slow way, per matrix in float64: UCE on token slices, then derive (Eq. 8) / erase (Eq. 3)."""
     pipeline = diffusion.load_pipeline(str(pipeline_dir))
     originals = [w.detach().double() for w in diffusion.kv_weights(pipeline.unet).values()]
-    encoded_concept, encoded_guide = diffusion.encode_prompts(pipeline, [concept, guide])
+    encoded_concept, encoded_guide = families.encode_prompts(pipeline, [concept, guide])
     c, g = encoded_concept.embedding.double(), encoded_guide.embedding.double()
-    source, target = diffusion.select_tokens(c, encoded_concept.length, g, encoded_guide.length, "last_word_onward")
+    source, target = select_tokens(c, encoded_concept.length, g, encoded_guide.length, "last_word_onward")
     current = closed_form.erase_closed_form(
         originals, [source], [target], [g], lamb=lamb, erase_scale=scale, preserve_scale=keep
     )
@@ -126,7 +128,7 @@ def test_non_finite_update_stops_the_run_and_exports_nothing(tiny_pipeline_dir, 
 )
 def test_bad_configuration_is_refused_with_the_value_and_what_is_allowed(tiny_pipeline_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), **kwargs)
+        RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), **with_method(kwargs))
 
 
 def test_missing_local_model_folder_is_refused(tmp_path):
@@ -212,14 +214,14 @@ def test_the_uce_stage_takes_its_own_lambda_and_preserve_scale(tiny_pipeline_dir
     from tests.test_closed_form import _lstsq_edit
 
     module = RECEModule(
-        str(tiny_pipeline_dir), preserve_concepts=["a photo of a cat"], uce_lamb=0.5, uce_preserve_scale=1.0
+        str(tiny_pipeline_dir),
+        preserve_concepts=["a photo of a cat"],
+        method=RECE(uce_lamb=0.5, uce_preserve_scale=1.0),
     )
     module.attach_pipeline(diffusion.load_pipeline(str(tiny_pipeline_dir)))
     module.apply_uce()
     concept, guide = module.encoded(["nudity", " "])
-    source, target = diffusion.select_tokens(
-        concept.embedding, concept.length, guide.embedding, guide.length, "last_word_onward"
-    )
+    source, target = select_tokens(concept.embedding, concept.length, guide.embedding, guide.length, "last_word_onward")
     preserved = [e.embedding for e in module.encoded([" ", "a photo of a cat"])]
     edited = module.kv_state()
     for name, original in module.original_kv.items():
@@ -294,7 +296,7 @@ def wide_pipeline_dir(tmp_path_factory):
 
     tokenizer = CLIP_TOKENIZER if (CLIP_TOKENIZER / "vocab.json").is_file() else None
     folder = tmp_path_factory.mktemp("wide") / "wide-sd"
-    return diffusion.build_tiny_pipeline(folder, tokenizer=tokenizer, max_length=16, text_width=64)
+    return testing.build_tiny_pipeline(folder, tokenizer=tokenizer, max_length=16, text_width=64)
 
 
 class _EveryState(pl.Callback):
@@ -358,14 +360,14 @@ def test_load_from_checkpoint_gives_the_weights_load_erased_gives(tiny_pipeline_
     _, fitted = fit_tiny(tiny_pipeline_dir, tmp_path, max_epochs=2, callbacks=[checkpointing], reg=0.05)
     path = tmp_path / "ckpt" / "epoch=0.ckpt"
     restored = RECEModule.load_from_checkpoint(path)
-    assert restored.hparams.reg == 0.05 and int(restored.edits_applied) == 2
+    assert restored.method.reg == 0.05 and int(restored.edits_applied) == 2
     restored.setup("test")  # loads the base model named in the checkpoint and writes the restored state into it
     expected = diffusion.kv_weights(load_erased(diffusion.load_pipeline(str(tiny_pipeline_dir)), path).unet)
     assert not all(torch.equal(w, fitted.original_kv[n]) for n, w in expected.items())
     for name, weight in restored.kv_state().items():
         assert torch.equal(weight, expected[name]), name
     # on another base of the same shapes the restored state is refused, not written
-    other = diffusion.build_tiny_pipeline(tmp_path / "other", seed=1)
+    other = testing.build_tiny_pipeline(tmp_path / "other", seed=1)
     again = RECEModule.load_from_checkpoint(path)
     with pytest.raises(ValueError, match="the checkpoint was made from other base weights"):
         again.attach_pipeline(diffusion.load_pipeline(str(other)))
@@ -373,10 +375,10 @@ def test_load_from_checkpoint_gives_the_weights_load_erased_gives(tiny_pipeline_
 
 def test_a_regulariser_that_makes_the_edit_nothing_is_refused_and_an_empty_edit_warns(tiny_pipeline_dir):
     with pytest.raises(ValueError, match=r"lamb=1e\+30 is not allowed: .* <= 1e\+06"):
-        RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), lamb=1e30)
+        RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), method=RECE(lamb=1e30))
     with pytest.raises(ValueError, match=r"reg=10000000.0 is not allowed"):
-        RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), reg=1e7)
-    module = RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), erase_scale=0.0)
+        RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), method=RECE(reg=1e7))
+    module = RECEModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), method=RECE(erase_scale=0.0))
     module.attach_pipeline(diffusion.load_pipeline(str(tiny_pipeline_dir)))
     with pytest.warns(UserWarning, match="numerically nothing"):
         module.apply_uce()

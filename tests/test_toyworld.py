@@ -15,6 +15,7 @@ from callbacks import ConceptCheckpointSelector, ProbeImages, ProbeSettings
 from rece_lightning import RECEModule, diffusion, load_erased
 from rece_lightning.data import PromptDataModule
 from rece_lightning.evaluation import ErasureEvaluator
+from rece_lightning.tokens import unknown_words
 from rece_lightning.toyworld import (
     COLOURS,
     NEUTRAL,
@@ -378,7 +379,7 @@ def test_an_erase_concept_the_toy_tokenizer_does_not_know_is_refused_before_load
     with pytest.raises(ValueError, match=r"'chartreuse'.*does not know \['chartreuse'\].*<\|unk\|>"):
         module.setup("fit")
     known = diffusion.load_tokenizer(str(toy_model_dir))
-    assert diffusion.unknown_words(known, "a crimson disc the colour of blood") == []
+    assert unknown_words(known, "a crimson disc the colour of blood") == []
 
 
 @pytest.mark.parametrize("script", ["toy_table1", "toy_style", "toy_object", "toy_many", "toy_redteam"])

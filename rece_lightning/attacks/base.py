@@ -10,7 +10,6 @@ Outcomes are saved per prompt beside the images, so a rerun skips the prompts al
 from __future__ import annotations
 
 import json
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from rece_lightning import diffusion
 from rece_lightning.data import PromptItem
-from rece_lightning.export import atomic_write
+from rece_lightning.families import family_of
+from rece_lightning.files import atomic_write
 
 if TYPE_CHECKING:  # the evaluation package imports this module
     from rece_lightning.evaluation.scoring import ImageScorer
@@ -51,11 +50,16 @@ class AttackContext:
 
     @property
     def device(self) -> torch.device:
-        return self.pipeline.unet.device
+        return self.family.denoiser(self.pipeline).device
+
+    @property
+    def family(self):
+        """The pipeline's model family (:mod:`rece_lightning.families`): its encoder, denoiser and generation."""
+        return family_of(self.pipeline)
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """(N, T, d) text embeddings, as the pipeline computes them (padded to the tokenizer's length)."""
-        return torch.stack([encoded.embedding for encoded in diffusion.encode_prompts(self.pipeline, prompts)])
+        return torch.stack([encoded.embedding for encoded in self.family.encode(self.pipeline, prompts)])
 
     def generate(self, prompt_embeds: Tensor, items: Sequence[PromptItem], height: int, width: int) -> list[np.ndarray]:
         """uint8 images of ``items`` (their seeds and guidance) from one (T, d) embedding; CPU generators."""
@@ -110,18 +114,6 @@ class AttackOutcome:
         return cls(prompt_embeds=load_file(str(embeds_path))["prompt_embeds"], **record)
 
 
-def check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= 1")
-    return value
-
-
-def check_positive_float(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0")
-    return float(value)
-
-
 class PromptAttack(ABC):
     """A red-team attack: per prompt and model, the embedding that best brings ``concept`` back.
 
@@ -133,6 +125,7 @@ class PromptAttack(ABC):
 
     name: ClassVar[str]
     model_agnostic: ClassVar[bool] = False
+    drives_text_encoder: ClassVar[bool] = True  # token-level: needs a family with ``token_attacks``
 
     def __init__(self, concept: str) -> None:
         if not isinstance(concept, str) or not concept.strip():

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rece_lightning import closed_form
-from rece_lightning.attacks.base import AttackContext, AttackOutcome, PromptAttack, check_positive_float
+from rece_lightning.attacks.base import AttackContext, AttackOutcome, PromptAttack
 from rece_lightning.data import PromptItem
+from rece_lightning.validation import check_positive
 
 
 class DerivedEmbeddingAttack(PromptAttack):
@@ -27,10 +28,11 @@ class DerivedEmbeddingAttack(PromptAttack):
     """
 
     name = "derived_embedding"
+    drives_text_encoder = False  # the closed form needs only an encoding and the two K/V weight sets
 
     def __init__(self, concept: str, reg: float = 0.1) -> None:
         super().__init__(concept)
-        self.reg = check_positive_float("reg", reg)
+        self.reg = check_positive("reg", reg)
 
     def attack(self, context: AttackContext, items: Sequence[PromptItem], height: int, width: int) -> AttackOutcome:
         names = list(context.original_kv)

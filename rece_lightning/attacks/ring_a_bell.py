@@ -22,15 +22,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from rece_lightning.attacks.base import (
-    AttackContext,
-    AttackOutcome,
-    PromptAttack,
-    check_positive_float,
-    check_positive_int,
-)
+from rece_lightning.attacks.base import AttackContext, AttackOutcome, PromptAttack
 from rece_lightning.attacks.unlearndiff import _ordinary_tokens
 from rece_lightning.data import PromptItem
+from rece_lightning.validation import check_positive, check_positive_int
 
 
 class RingABellAttack(PromptAttack):
@@ -75,7 +70,7 @@ class RingABellAttack(PromptAttack):
                 f"concept_prompts has {len(self.concept_prompts)} prompts but neutral_prompts has "
                 f"{len(self.neutral_prompts)}: they pair up one to one"
             )
-        self.strength = check_positive_float("strength", strength)
+        self.strength = check_positive("strength", strength)
         self.num_tokens = check_positive_int("num_tokens", num_tokens)
         self.population = check_positive_int("population", population)
         if self.population < 4:
@@ -104,7 +99,8 @@ class RingABellAttack(PromptAttack):
 
     @torch.no_grad()
     def attack(self, context: AttackContext, items: Sequence[PromptItem], height: int, width: int) -> AttackOutcome:
-        tokenizer, encoder, device = context.pipeline.tokenizer, context.pipeline.text_encoder, context.device
+        family, pipeline = context.family, context.pipeline
+        tokenizer, encoder, device = family.tokenizer(pipeline), family.text_encoder(pipeline), context.device
         target = context.encode([items[0].prompt])[0].float() + self.strength * self.concept_vector(context)
         generator = torch.Generator("cpu").manual_seed(self.seed)
         vocabulary = _ordinary_tokens(tokenizer)

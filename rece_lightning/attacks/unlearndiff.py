@@ -26,14 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rece_lightning import diffusion
-from rece_lightning.attacks.base import (
-    AttackContext,
-    AttackOutcome,
-    PromptAttack,
-    check_positive_float,
-    check_positive_int,
-)
+from rece_lightning.attacks.base import AttackContext, AttackOutcome, PromptAttack
 from rece_lightning.data import PromptItem
+from rece_lightning.tokens import token_count
+from rece_lightning.validation import check_positive, check_positive_int
 
 
 class UnlearnDiffAttack(PromptAttack):
@@ -66,7 +62,7 @@ class UnlearnDiffAttack(PromptAttack):
         super().__init__(concept)
         self.steps = check_positive_int("steps", steps)
         self.num_tokens = check_positive_int("num_tokens", num_tokens)
-        self.lr = check_positive_float("lr", lr)
+        self.lr = check_positive("lr", lr)
         self.timesteps_per_step = check_positive_int("timesteps_per_step", timesteps_per_step)
         self.check_every = check_positive_int("check_every", check_every)
         self.seed = int(seed)
@@ -78,7 +74,7 @@ class UnlearnDiffAttack(PromptAttack):
         self.target_images = target_images
 
     def check_prompt(self, tokenizer, prompt: str) -> None:
-        length = diffusion.token_count(tokenizer, prompt) + self.num_tokens
+        length = token_count(tokenizer, prompt) + self.num_tokens
         if length > tokenizer.model_max_length:
             raise ValueError(
                 f"prompt {prompt!r} with num_tokens={self.num_tokens} adversarial tokens needs {length} positions; the "
@@ -86,7 +82,8 @@ class UnlearnDiffAttack(PromptAttack):
             )
 
     def attack(self, context: AttackContext, items: Sequence[PromptItem], height: int, width: int) -> AttackOutcome:
-        networks = [context.pipeline.unet, context.pipeline.text_encoder]
+        family = context.family
+        networks = [family.denoiser(context.pipeline), family.text_encoder(context.pipeline)]
         flags = [[p.requires_grad for p in net.parameters()] for net in networks]
         for net in networks:  # gradients flow to the adversarial tokens only
             net.requires_grad_(False)
@@ -100,7 +97,8 @@ class UnlearnDiffAttack(PromptAttack):
 
     def _attack(self, context: AttackContext, items: Sequence[PromptItem], height: int, width: int) -> AttackOutcome:
         pipeline, device = context.pipeline, context.device
-        tokenizer, encoder, unet = pipeline.tokenizer, pipeline.text_encoder, pipeline.unet
+        family = context.family
+        tokenizer, encoder = family.tokenizer(pipeline), family.text_encoder(pipeline)
         generator = torch.Generator("cpu").manual_seed(self.seed)
         prompt_ids = tokenizer(items[0].prompt, truncation=True).input_ids  # BOS ... EOS
         vocabulary = _ordinary_tokens(tokenizer).to(device)
@@ -125,9 +123,7 @@ class UnlearnDiffAttack(PromptAttack):
             straight_through = soft + (table[hard] - soft).detach()
             text = _encode_with_tokens(encoder, ids, positions, straight_through)
             pick = torch.randperm(len(timesteps), generator=generator)[: self.timesteps_per_step].to(device)
-            prediction = unet(
-                inputs[pick], timesteps[pick], encoder_hidden_states=text.expand(len(pick), -1, -1)
-            ).sample
+            prediction = family.predict_noise(pipeline, inputs[pick], timesteps[pick], text.expand(len(pick), -1, -1))
             loss = F.mse_loss(prediction.float(), targets[pick].float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -148,8 +144,9 @@ class UnlearnDiffAttack(PromptAttack):
         self, context: AttackContext, item: PromptItem, height: int, width: int
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The original model's sampling of ``item``: scaled model inputs, timesteps, conditional noise predictions."""
-        pipeline, unet = context.pipeline, context.pipeline.unet
-        diffusion.write_kv_weights(unet, context.original_kv)
+        pipeline, family = context.pipeline, context.family
+        unet = family.denoiser(pipeline)
+        diffusion.write_kv_weights(pipeline, context.original_kv)
         try:
             scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
             scheduler.set_timesteps(context.num_inference_steps, device=context.device)
@@ -161,14 +158,14 @@ class UnlearnDiffAttack(PromptAttack):
             inputs, targets = [], []
             for t in scheduler.timesteps:
                 scaled = scheduler.scale_model_input(latents, t)
-                noise = unet(scaled.expand(2, -1, -1, -1), t, encoder_hidden_states=text).sample
+                noise = family.predict_noise(pipeline, scaled.expand(2, -1, -1, -1), t, text)
                 conditional, unconditional = noise.chunk(2)
                 inputs.append(scaled[0])
                 targets.append(conditional[0])
                 guided = unconditional + item.guidance * (conditional - unconditional)
                 latents = scheduler.step(guided, t, latents).prev_sample
         finally:
-            diffusion.write_kv_weights(unet, context.attacked_kv)
+            diffusion.write_kv_weights(pipeline, context.attacked_kv)
         return torch.stack(inputs), scheduler.timesteps.to(context.device), torch.stack(targets)
 
     @torch.no_grad()

@@ -23,10 +23,10 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
-from rece_lightning import diffusion
 from rece_lightning.data import PromptItem
 from rece_lightning.evaluation.nudity import to_uint8
-from rece_lightning.export import atomic_write
+from rece_lightning.families import family_of
+from rece_lightning.files import atomic_write
 
 # The reference protocol: the authors' generation script (from ESD / UCE) samples with LMS, 50 steps, 512 px.
 REFERENCE_SCHEDULER = "lms"
@@ -66,11 +66,12 @@ def _jsonable(value: Any) -> Any:
 
 def sampler_settings(pipeline, base_model: str, num_inference_steps: int, dtype: str) -> dict[str, Any]:
     """What, besides the K/V weights, decides the images of a pipeline (part of every image set's fingerprint)."""
+    denoiser = family_of(pipeline).denoiser(pipeline)
     scheduler_config = {k: v for k, v in dict(pipeline.scheduler.config).items() if not k.startswith("_")}
     return _jsonable(
         {
             "base_model": base_model,
-            "unet_config": {k: v for k, v in dict(pipeline.unet.config).items() if not k.startswith("_")},
+            "unet_config": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
             "scheduler": type(pipeline.scheduler).__name__,
             "scheduler_config": scheduler_config,
             "num_inference_steps": num_inference_steps,
@@ -160,15 +161,17 @@ def generate_images(
     """uint8 (H, W, 3) images of ``items`` at ``sizes`` ((height, width) each), one pipeline call per guidance and
     size; CPU generators, so the same seed gives the same starting noise on any device. ``prompt_embeds`` (one
     (T, d) embedding per item, e.g. a red-team attack's) replaces the items' prompts."""
+    family = family_of(pipeline)
     images: list[np.ndarray | None] = [None] * len(items)
     key = lambda i: (items[i].guidance, sizes[i])  # noqa: E731
     for (guidance, (height, width)), group in groupby(sorted(range(len(items)), key=key), key=key):
         group = list(group)
         if prompt_embeds is None:
-            inputs = {"prompt": [items[i].prompt for i in group]}
+            inputs = {"prompts": [items[i].prompt for i in group]}
         else:
-            inputs = diffusion.embedding_inputs(pipeline, torch.stack([prompt_embeds[i] for i in group]))
-        output = pipeline(
+            inputs = {"embeds": torch.stack([prompt_embeds[i] for i in group])}
+        output = family.generate(
+            pipeline,
             **inputs,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance,

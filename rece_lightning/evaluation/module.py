@@ -44,7 +44,10 @@ from rece_lightning.evaluation.registry import EvaluationMetric, metric_class
 from rece_lightning.evaluation.report import write_reports
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes, check_scorer
 from rece_lightning.evaluation.standard_metrics import CachedDetections
-from rece_lightning.export import apply_erased, atomic_write, check_writable_folder, read_erased
+from rece_lightning.export import apply_erased, read_erased
+from rece_lightning.families import family_for_class, family_of
+from rece_lightning.files import atomic_write, check_writable_folder
+from rece_lightning.kv_files import check_kv_fit_before_loading
 from rece_lightning.precision import check_trainer_precision
 
 VARIANTS = ("original", "erased")
@@ -146,11 +149,19 @@ class ErasureEvaluator(pl.LightningModule):
                 )
         self.attack = attack
         pipeline_class = diffusion.check_pretrained_path(pretrained_model_name_or_path)
-        if attack is not None and pipeline_class not in (None, "StableDiffusionPipeline"):
-            raise ValueError(
-                f"attack={attack.name!r} on {pretrained_model_name_or_path!r}: the red-team attacks drive one CLIP "
-                "text encoder (SD 1.x / 2.x); SDXL's two encoders and pooled embedding are not supported by them yet"
-            )
+        family = None if pipeline_class is None else family_for_class(pipeline_class, pretrained_model_name_or_path)
+        if attack is not None and family is not None:
+            if not family.embedding_attacks:
+                raise ValueError(
+                    f"attack={attack.name!r} on {pretrained_model_name_or_path!r}: {family.label} also conditions on a "
+                    "pooled text embedding, which the red-team attacks do not produce; they are not supported on it yet"
+                )
+            if attack.drives_text_encoder and not family.token_attacks:
+                raise ValueError(
+                    f"attack={attack.name!r} on {pretrained_model_name_or_path!r}: the token-level red-team attacks "
+                    f"drive one CLIP text encoder (SD 1.x / 2.x), which {family.label} does not have; the "
+                    "derived-embedding attack works on it"
+                )
         self.concept_scorer = check_scorer(scorer, type(self).__name__) if scorer is not None else None
         if erased is None and not original_only:
             raise ValueError(
@@ -162,7 +173,7 @@ class ErasureEvaluator(pl.LightningModule):
         # Read once, here: a missing, corrupt, foreign or non-finite file stops before any model loads; setup uses it.
         self._erased_file = read_erased(erased) if erased is not None else None
         if self._erased_file is not None and isinstance(self._erased_file.content, dict):
-            diffusion.check_kv_fit_before_loading(
+            check_kv_fit_before_loading(
                 pretrained_model_name_or_path, self._erased_file.content, what=f"erased={erased!r}"
             )
         self.erased_classes = self._erased_classes(erased_classes)
@@ -235,12 +246,12 @@ class ErasureEvaluator(pl.LightningModule):
             hp.pretrained_model_name_or_path, dtype=diffusion.resolve_dtype(self.dtype_name)
         )
         generation.use_scheduler(self.pipeline, hp.scheduler)
-        original = {n: w.detach().clone() for n, w in diffusion.kv_weights(self.pipeline.unet).items()}
+        original = {n: w.detach().clone() for n, w in diffusion.kv_weights(self.pipeline).items()}
         if "erased" in self.variants:
             apply_erased(self.pipeline, self._erased_file, allow_other_base=hp.allow_other_base)
             self._erased_file = None  # the weights now live in the pipeline
             self.kv_by_variant["erased"] = {
-                n: w.detach().clone() for n, w in diffusion.kv_weights(self.pipeline.unet).items()
+                n: w.detach().clone() for n, w in diffusion.kv_weights(self.pipeline).items()
             }
             self._active = "erased"
         if "original" in self.variants:
@@ -313,7 +324,11 @@ class ErasureEvaluator(pl.LightningModule):
         """(height, width) of ``item``'s image: the option if set, else the prompt's own, else the model's own side
         (512 for SD 1.x, the reference; 768 for SD 2.x-768; 1024 for SDXL)."""
         hp = self.hparams
-        side = diffusion.default_image_size(self.pipeline) if self.pipeline is not None else generation.REFERENCE_SIZE
+        side = (
+            family_of(self.pipeline).default_image_size(self.pipeline)
+            if self.pipeline is not None
+            else generation.REFERENCE_SIZE
+        )
         return (hp.height or item.height or side, hp.width or item.width or side)
 
     def _images(self, variant: str, items: list[PromptItem]) -> list[np.ndarray]:
@@ -348,7 +363,7 @@ class ErasureEvaluator(pl.LightningModule):
         if dataset is None:
             return
         for prompt in sorted({item.prompt for item in dataset}):
-            self.attack.check_prompt(self.pipeline.tokenizer, prompt)
+            self.attack.check_prompt(family_of(self.pipeline).tokenizer(self.pipeline), prompt)
 
     def _attack_bar(self) -> tqdm:
         """Per-prompt progress of the attack on this process (the whole attack may be a single test batch): prompts
@@ -443,7 +458,7 @@ class ErasureEvaluator(pl.LightningModule):
 
     def _activate(self, variant: str) -> None:
         if self._active != variant:
-            diffusion.write_kv_weights(self.pipeline.unet, self.kv_by_variant[variant])
+            diffusion.write_kv_weights(self.pipeline, self.kv_by_variant[variant])
             self._active = variant
 
     # --- results -------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from rece_lightning.export import atomic_write
+from rece_lightning.files import atomic_write
 
 Column = tuple[str, dict[str, str]]  # (header, {variant: cell}), as each metric's ``columns`` gives them
 

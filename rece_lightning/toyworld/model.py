@@ -51,7 +51,7 @@ class ToyComponents:
 def build_tokenizer():
     """A word-level tokenizer of the toy world's words (``tokenizers``' ``WordLevel``), CLIP's special tokens and
     padding: BOS, the words, EOS, then EOS padding to ``MAX_TOKENS``. A word outside the world is ``<|unk|>``, a token
-    of its own, so that a prompt the model cannot read is refused (``diffusion.unknown_words``, checked by
+    of its own, so that a prompt the model cannot read is refused (``tokens.unknown_words``, checked by
     ``RECEModule.setup``) instead of being encoded as something else."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
