@@ -158,8 +158,9 @@ class ModelFamily(ABC):
         options = {**self.call_options(pipeline), **sampling}
         if prompts is not None:
             return pipeline(prompt=list(prompts), **options)
+        inputs = self.embedding_inputs(pipeline, embeds, pooled, lengths)  # before the bypass: it may encode
         with self.reading_embeddings(pipeline):
-            return pipeline(**self.embedding_inputs(pipeline, embeds, pooled, lengths), **options)
+            return pipeline(**inputs, **options)
 
     # --- token-level attacks ---------------------------------------------------------------------------------------
 

@@ -75,6 +75,7 @@ class PixArt(ModelFamily):
             "prompt_attention_mask": mask,
             "negative_prompt_embeds": blank.embedding[None].expand(rows, -1, -1).to(device, dtype),
             "negative_prompt_attention_mask": blank_mask[None].expand(rows, -1),
+            "negative_prompt": None,  # the pipeline refuses a negative prompt beside negative_prompt_embeds
         }
 
     @contextmanager
