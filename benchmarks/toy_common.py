@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a clone without installing
 
 from rece_lightning import RECEModule, diffusion  # noqa: E402
-from rece_lightning.evaluation import metrics as image_metrics  # noqa: E402
+from rece_lightning.evaluation import image_measures as image_metrics  # noqa: E402
 from rece_lightning.evaluation.features import RandomConvFeatures  # noqa: E402
 from rece_lightning.evaluation.statistics import rate_with_interval  # noqa: E402
 from rece_lightning.toyworld import ToyWorldScorer, predict  # noqa: E402

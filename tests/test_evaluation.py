@@ -24,10 +24,9 @@ from rece_lightning.data import (
 )
 from rece_lightning.evaluation import ErasureEvaluator, NudityScorer, generation
 from rece_lightning.evaluation.features import RandomConvFeatures
+from rece_lightning.evaluation.metrics import AttackSuccessRate, CachedDetections, EvaluationMetric, register_metric
 from rece_lightning.evaluation.nudity import TABLE1_CLASSES
-from rece_lightning.evaluation.registry import EvaluationMetric, register_metric
 from rece_lightning.evaluation.scoring import ImageScorer
-from rece_lightning.evaluation.standard_metrics import AttackSuccessRate, CachedDetections
 from tests.conftest import datasets_or_skip, fit_tiny, prompt_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,7 +365,7 @@ class _MeanBrightness(EvaluationMetric):
     """A new metric is one class: registered by name, summed across processes by torchmetrics."""
 
     @classmethod
-    def from_evaluator(cls, evaluator):
+    def from_options(cls, options):
         return cls()
 
     def bind(self, variants):

@@ -4,8 +4,8 @@ Two stages. **Generation** (:mod:`rece_lightning.evaluation.generation`): each p
 its share of the prompts (every prompt, with all its images, on exactly one process) and generates the images of the
 original and of the erased model, or reads them back from an earlier run of the same models and sampler: image sets
 are keyed by a fingerprint of the K/V weights and the sampler settings, so nothing is reused across models or
-settings. **Metrics** (:mod:`rece_lightning.evaluation.standard_metrics`, found by name in
-:mod:`rece_lightning.evaluation.registry`): small objects that see every batch and are summed across processes at
+settings. **Metrics** (:mod:`rece_lightning.evaluation.metrics`, one file each, found by name or given as
+instances): small objects that see every batch and are summed across processes at
 the end: ``nudity`` (Table 1), ``asr`` (Table 4, per prompt), ``concept`` (any detector), ``clip``, ``fid``, ``lpips``.
 
 The defaults are the paper's protocol: LMS, 50 steps, each prompt's own seed, guidance and (I2P) image size, Table 1's
@@ -31,8 +31,8 @@ from rece_lightning import diffusion
 from rece_lightning.attacks.base import AttackContext, AttackOutcome, PromptAttack
 from rece_lightning.base_cache import kv_fingerprint
 from rece_lightning.data import PromptItem
-from rece_lightning.evaluation import generation
-from rece_lightning.evaluation import standard_metrics as _standard_metrics  # noqa: F401  (registers the metrics)
+from rece_lightning.evaluation import generation, report
+from rece_lightning.evaluation.metrics import CachedDetections, EvaluationMetric, MetricOptions, metric_class
 from rece_lightning.evaluation.nudity import (
     EXPOSED_CLASSES,
     NUDENET_LABELS,
@@ -40,13 +40,10 @@ from rece_lightning.evaluation.nudity import (
     NudityScorer,
     check_threshold,
 )
-from rece_lightning.evaluation.registry import EvaluationMetric, metric_class
-from rece_lightning.evaluation.report import write_reports
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes, check_scorer
-from rece_lightning.evaluation.standard_metrics import CachedDetections
 from rece_lightning.export import apply_erased, read_erased
 from rece_lightning.families import family_for_class, family_of
-from rece_lightning.files import atomic_write, check_writable_folder
+from rece_lightning.files import check_writable_folder
 from rece_lightning.kv_files import check_kv_fit_before_loading
 from rece_lightning.precision import check_trainer_precision
 
@@ -262,7 +259,21 @@ class ErasureEvaluator(pl.LightningModule):
         self._build_metrics()
 
     def _build_metrics(self) -> None:
-        built = [metric_class(m).from_evaluator(self) if isinstance(m, str) else m for m in self._requested_metrics]
+        options = MetricOptions(
+            nudenet=self.nudenet,
+            nudity_threshold=self.nudity_threshold,
+            asr_threshold=self.asr_threshold,
+            nudity_classes=self.nudity_classes,
+            asr_classes=self.asr_classes,
+            concept_scorer=self.concept_scorer,
+            erased_classes=self.erased_classes,
+            clip_model=self.hparams.clip_model,
+            fid_feature=self.fid_feature,
+            fid_weights_path=self.hparams.fid_weights_path,
+            lpips_net=self.lpips_net,
+            erased_artist=self.hparams.erased_artist,
+        )
+        built = [metric_class(m).from_options(options) if isinstance(m, str) else m for m in self._requested_metrics]
         for metric in built:
             metric.bind(self.variants)
         self.metric_objects = nn.ModuleList(built)
@@ -481,10 +492,10 @@ class ErasureEvaluator(pl.LightningModule):
         if self.attack is not None:
             columns += self._attack_results(results)
         self.results = results
-        for name, value in _flatten(results).items():
+        for name, value in report.flatten(results).items():
             self.log(name, value, rank_zero_only=True)
         if self.trainer.is_global_zero:
-            json_path, _ = write_reports(self.output_dir, results, self._run_info(), columns)
+            json_path, _ = report.write_reports(self.output_dir, results, self._run_info(), columns)
             rank_zero_info(f"ErasureEvaluator: results written to {json_path}")
 
     def _attack_results(self, results: dict[str, dict]) -> list[tuple[str, dict[str, str]]]:
@@ -505,7 +516,7 @@ class ErasureEvaluator(pl.LightningModule):
             results[v]["attack"] = figures
             if self.trainer.is_global_zero:
                 csv_path = self.output_dir / f"adversarial_prompts_{self.attack.name}_{v}.csv"
-                write_adversarial_csv(self.attack_folder(v), self.trainer.datamodule, csv_path)
+                report.write_adversarial_csv(self.attack_folder(v), self.trainer.datamodule, csv_path)
                 figures["adversarial_prompts_csv"] = str(csv_path)
         return [("Attack steps", {v: f"{results[v]['attack']['mean_steps']:.1f}" for v in self.variants})]
 
@@ -521,66 +532,10 @@ class ErasureEvaluator(pl.LightningModule):
             "dtype": self.dtype_name,
             "fingerprints": {v: image_set.fingerprint for v, image_set in self.image_sets.items()},
             "processes": self.trainer.world_size,
-            "prompts": _prompt_selection(getattr(self.trainer, "datamodule", None)),
+            "prompts": report.prompt_selection(getattr(self.trainer, "datamodule", None)),
             **({"attack": self.attack.settings()} if self.attack is not None else {}),
         }
 
 
-def write_adversarial_csv(folder: Path, datamodule, path: Path) -> None:
-    """The attacked prompts as a prompt CSV (the paper's columns): each prompt's adversarial prompt, its seed and
-    guidance; prompts whose attack gives only an embedding (the derived-embedding attack) keep their text. The text is
-    the decoded tokens: the attack's images came from the ids, which a BPE tokenizer may not reproduce from it."""
-    import csv
-    import io
-    import json
-
-    dataset = getattr(datamodule, "dataset", None) or []
-    items = {item.case_number: item for item in dataset if item.index == 0}
-    rows = {}  # this prompt set's outcomes only (another set in the same folder has other keys)
-    for case, item in items.items():
-        record_path = folder / f"{item.prompt_key}.json"
-        if record_path.is_file():
-            rows[case] = json.loads(record_path.read_text())
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["case_number", "prompt", "evaluation_seed", "evaluation_guidance", "original_prompt", "found"])
-    for case, record in sorted(rows.items()):
-        item = items.get(case)
-        original = item.prompt if item is not None else ""
-        writer.writerow(
-            [
-                case,
-                record.get("adversarial_prompt") or original,
-                item.seed if item is not None else "",
-                item.guidance if item is not None else "",
-                original,
-                "" if record.get("found") is None else int(record["found"]),
-            ]
-        )
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
-
-
-def _prompt_selection(datamodule) -> dict[str, Any]:
-    """Which prompts were evaluated (the results of two prompt sets are kept apart by it)."""
-    if datamodule is None or not hasattr(datamodule, "prompts_csv"):
-        return {}
-    return {
-        "prompts_csv": datamodule.prompts_csv,
-        **datamodule.selection,
-        "images_per_prompt": datamodule.images_per_prompt,
-    }
-
-
 def _is_paired(metric: str | EvaluationMetric) -> bool:
     return metric_class(metric).paired if isinstance(metric, str) else metric.paired
-
-
-def _flatten(results: dict, prefix: str = "test") -> dict[str, float]:
-    flat = {}
-    for key, value in results.items():
-        name = f"{prefix}/{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = float(value)
-    return flat

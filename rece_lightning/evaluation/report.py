@@ -1,13 +1,17 @@
-"""Evaluation results as JSON and as a Markdown table shaped like the paper's (original vs erased rows)."""
+"""The report stage: results as JSON and as a Markdown table shaped like the paper's (original vs erased rows), the
+adversarial prompts of an attack as a prompt CSV, the flat figures the logger gets."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from rece_lightning.files import atomic_write
+from rece_lightning.files import write_text
 
 Column = tuple[str, dict[str, str]]  # (header, {variant: cell}), as each metric's ``columns`` gives them
 
@@ -43,7 +47,59 @@ def write_reports(folder: Path, results: dict, info: dict, columns: Sequence[Col
     kept.parent.mkdir(exist_ok=True)
     json_path, markdown_path = folder / "results.json", folder / "results.md"
     for path, content in ((kept.with_suffix(".json"), text), (kept.with_suffix(".md"), table)):
-        atomic_write(path, lambda tmp, content=content: Path(tmp).write_text(content))
-    atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
-    atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(table))
+        write_text(path, content)
+    write_text(json_path, text)
+    write_text(markdown_path, table)
     return json_path, markdown_path
+
+
+def write_adversarial_csv(folder: Path, datamodule, path: Path) -> None:
+    """The attacked prompts as a prompt CSV (the paper's columns): each prompt's adversarial prompt, its seed and
+    guidance; prompts whose attack gives only an embedding (the derived-embedding attack) keep their text. The text is
+    the decoded tokens: the attack's images came from the ids, which a BPE tokenizer may not reproduce from it."""
+    dataset = getattr(datamodule, "dataset", None) or []
+    items = {item.case_number: item for item in dataset if item.index == 0}
+    rows = {}  # this prompt set's outcomes only (another set in the same folder has other keys)
+    for case, item in items.items():
+        record_path = folder / f"{item.prompt_key}.json"
+        if record_path.is_file():
+            rows[case] = json.loads(record_path.read_text())
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["case_number", "prompt", "evaluation_seed", "evaluation_guidance", "original_prompt", "found"])
+    for case, record in sorted(rows.items()):
+        item = items.get(case)
+        original = item.prompt if item is not None else ""
+        writer.writerow(
+            [
+                case,
+                record.get("adversarial_prompt") or original,
+                item.seed if item is not None else "",
+                item.guidance if item is not None else "",
+                original,
+                "" if record.get("found") is None else int(record["found"]),
+            ]
+        )
+    write_text(path, buffer.getvalue())
+
+
+def prompt_selection(datamodule) -> dict[str, Any]:
+    """Which prompts were evaluated (the results of two prompt sets are kept apart by it)."""
+    if datamodule is None or not hasattr(datamodule, "prompts_csv"):
+        return {}
+    return {
+        "prompts_csv": datamodule.prompts_csv,
+        **datamodule.selection,
+        "images_per_prompt": datamodule.images_per_prompt,
+    }
+
+
+def flatten(results: dict, prefix: str = "test") -> dict[str, float]:
+    flat = {}
+    for key, value in results.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
