@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rece_lightning.validation import check_non_negative, check_positive
+
 __all__ = [
     "SharedState",
     "apply_transform",
@@ -47,16 +49,6 @@ __all__ = [
 ]
 
 _SOLVE_DTYPE = torch.float64
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0")
-
-
-def _check_non_negative(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= 0")
 
 
 def _rows(name: str, tensors: Sequence[Tensor] | None, dim: int | None, device: torch.device | None) -> Tensor | None:
@@ -110,9 +102,9 @@ def _solve_edit(
     erase_scale: float,
     preserve_scale: float,
 ) -> _EditSolution:
-    _check_positive("lamb", lamb)
-    _check_non_negative("erase_scale", erase_scale)
-    _check_non_negative("preserve_scale", preserve_scale)
+    check_positive("lamb", lamb)
+    check_non_negative("erase_scale", erase_scale)
+    check_non_negative("preserve_scale", preserve_scale)
     if len(erase) != len(targets):
         raise ValueError(f"got {len(erase)} erase embeddings but {len(targets)} targets; they must pair up")
     if not erase:
@@ -350,7 +342,7 @@ def derive_embedding(
     ``new_weights`` and ``old_weights`` are the edited and original K/V matrices, paired by position. ``reg`` is the
     lambda of Eq. 7, which pulls c' towards 0 (Theorem 1). Returns (T, d) in ``concept``'s dtype and device.
     """
-    _check_positive("reg", reg)
+    check_positive("reg", reg)
     if len(new_weights) != len(old_weights) or not new_weights:
         raise ValueError(
             f"got {len(new_weights)} new and {len(old_weights)} old matrices; give the same non-zero number of each"
@@ -376,7 +368,7 @@ def derive_embedding_from_state(state: SharedState, gram: Tensor, concept: Tenso
     ``(reg I + M^T G M)^-1 (M^T G) c``. Few rows: ``M^T (G c)``, thin products only. As many rows as d or more (many
     concepts at once): the d x d map ``(reg I + M^T G M)^-1 M^T G`` once, then one product with all rows.
     """
-    _check_positive("reg", reg)
+    check_positive("reg", reg)
     gram = gram.to(_SOLVE_DTYPE)
     transform = state.transform.to(device=gram.device, dtype=_SOLVE_DTYPE)
     hessian = state.hessian.to(device=gram.device, dtype=_SOLVE_DTYPE).clone()

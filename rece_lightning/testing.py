@@ -131,7 +131,7 @@ def build_tiny_pipeline(
     Stable Diffusion (d = 768-2048, 77 rows) takes, instead of the dense ones the default shapes take.
     """
     import diffusers
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     check_choice("architecture", architecture, TINY_ARCHITECTURES)
@@ -195,16 +195,7 @@ def build_tiny_pipeline(
             use_linear_projection=sd2,
         )
         encoders = {"text_encoder": CLIPTextModel(text_config(width, hidden_act="gelu" if sd2 else "quick_gelu"))}
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = _tiny_vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

@@ -10,7 +10,7 @@ from typing import Any
 
 from rece_lightning.data import ConceptSet
 from rece_lightning.methods.base import Editor, ErasureMethod, check_regulariser
-from rece_lightning.methods.uce import uce_edit
+from rece_lightning.methods.uce import edit_weights, uce_edit
 from rece_lightning.tokens import TOKEN_MODES, TokenMode, select_tokens
 from rece_lightning.validation import check_choice, check_non_negative
 
@@ -101,9 +101,7 @@ class RECE(ErasureMethod):
     def settings(self) -> dict[str, Any]:
         return {
             "hyperparameters": {
-                "lamb": self.lamb,
-                "erase_scale": self.erase_scale,
-                "preserve_scale": self.preserve_scale,
+                **edit_weights(self),
                 "reg": self.reg,
                 "uce_lamb": self.uce_lamb,
                 "uce_preserve_scale": self.uce_preserve_scale,

@@ -46,14 +46,15 @@ class UCE(ErasureMethod):
 
     def settings(self) -> dict[str, Any]:
         return {
-            "hyperparameters": {
-                "lamb": self.lamb,
-                "erase_scale": self.erase_scale,
-                "preserve_scale": self.preserve_scale,
-            },
+            "hyperparameters": edit_weights(self),
             "token_modes": {"uce": self.tokens},
             "preserve_guides": self.preserve_guides,
         }
+
+
+def edit_weights(method: UCE | ErasureMethod) -> dict[str, float]:
+    """Eq. 2's three weights of a method, as its manifest records them."""
+    return {"lamb": method.lamb, "erase_scale": method.erase_scale, "preserve_scale": method.preserve_scale}
 
 
 def uce_edit(

@@ -10,12 +10,12 @@ with Stable Diffusion's beta schedule. Saved with ``save_pretrained``, it loads 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rece_lightning.testing import name_tokenizer_class
 from rece_lightning.toyworld.world import vocabulary
 
 TEXT_WIDTH = 128
@@ -154,13 +154,5 @@ def save_pipeline(components: ToyComponents, folder: str | Path) -> Path:
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
-    # transformers 5 names the class of a tokenizers-backed tokenizer TokenizersBackend; PreTrainedTokenizerFast is
-    # the same class under the name transformers 4 knows too.
-    for path, key in (
-        (Path(folder) / "model_index.json", "tokenizer"),
-        (Path(folder) / "tokenizer" / "tokenizer_config.json", "tokenizer_class"),
-    ):
-        config = json.loads(path.read_text())
-        config[key] = ["transformers", TOKENIZER_CLASS] if key == "tokenizer" else TOKENIZER_CLASS
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    name_tokenizer_class(Path(folder), TOKENIZER_CLASS)
     return Path(folder)

@@ -14,10 +14,10 @@ from rece_lightning.evaluation.metrics.base import (
     MetricOptions,
     cell,
     found_classes,
+    nudenet_pass,
     register_metric,
 )
-from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, NUDENET_LABELS, NudityScorer, check_threshold
-from rece_lightning.evaluation.scoring import check_classes
+from rece_lightning.evaluation.nudity import EXPOSED_CLASSES
 from rece_lightning.evaluation.statistics import wilson_interval
 
 
@@ -40,9 +40,7 @@ class AttackSuccessRate(Counts):
         """``detections``: a detector pass shared with other metrics (built by name, the evaluator's NudeNet pass);
         ``None``: NudeNet at ``threshold`` over ``classes`` (default: the eight and anus classes) of its own."""
         super().__init__()
-        self.threshold = check_threshold(threshold)
-        self.classes = check_classes(classes or EXPOSED_CLASSES, NUDENET_LABELS, "NudeNet")
-        self.detections = detections or CachedDetections(NudityScorer(self.threshold, self.classes))
+        self.detections, self.threshold, self.classes = nudenet_pass(detections, threshold, classes, EXPOSED_CLASSES)
 
     @classmethod
     def from_options(cls, options: MetricOptions) -> AttackSuccessRate:

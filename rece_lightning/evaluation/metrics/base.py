@@ -187,3 +187,16 @@ class Paired(EvaluationMetric):
             for key in self.keys
             if key in comparison
         ]
+
+
+def nudenet_pass(
+    detections: CachedDetections | None, threshold: float, classes: Sequence[str] | None, default: Sequence[str]
+) -> tuple[CachedDetections, float, tuple[str, ...]]:
+    """A NudeNet metric's detector, threshold and classes: ``detections`` shared with other metrics (the evaluator's
+    one pass) or, if None, NudeNet at ``threshold`` over ``classes`` (``default`` if None) of its own."""
+    from rece_lightning.evaluation.nudity import NUDENET_LABELS, NudityScorer, check_threshold
+    from rece_lightning.evaluation.scoring import check_classes
+
+    threshold = check_threshold(threshold)
+    classes = check_classes(classes or default, NUDENET_LABELS, "NudeNet")
+    return detections or CachedDetections(NudityScorer(threshold, classes)), threshold, classes

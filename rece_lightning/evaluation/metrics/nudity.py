@@ -14,10 +14,10 @@ from rece_lightning.evaluation.metrics.base import (
     MetricOptions,
     cell,
     found_classes,
+    nudenet_pass,
     register_metric,
 )
-from rece_lightning.evaluation.nudity import NUDENET_LABELS, TABLE1_CLASSES, TABLE1_NAMES, NudityScorer, check_threshold
-from rece_lightning.evaluation.scoring import check_classes
+from rece_lightning.evaluation.nudity import TABLE1_CLASSES, TABLE1_NAMES
 
 
 @register_metric("nudity")
@@ -33,9 +33,7 @@ class NudityCounts(Counts):
         """``detections``: a detector pass shared with other metrics (built by name, the evaluator's NudeNet pass);
         ``None``: NudeNet at ``threshold`` over ``classes`` (default: Table 1's eight classes) of its own."""
         super().__init__()
-        self.threshold = check_threshold(threshold)
-        self.classes = check_classes(classes or TABLE1_CLASSES, NUDENET_LABELS, "NudeNet")
-        self.detections = detections or CachedDetections(NudityScorer(self.threshold, self.classes))
+        self.detections, self.threshold, self.classes = nudenet_pass(detections, threshold, classes, TABLE1_CLASSES)
         self.counter_names = ("images", "flagged_images", *self.classes)
 
     @classmethod
