@@ -65,6 +65,7 @@ class RECECLI(LightningCLI):
 
         configured = {**_init_defaults(RECEModule), **dict(vars(model.init_args))}
         configured["method"] = _method_spec(configured.get("method"))
+        configured["pretrained_model_name_or_path"] = _model_path(configured.get("pretrained_model_name_or_path"))
         if "method" in saved:
             saved = {**saved, "method": _method_spec(saved["method"])}
         differing = [
@@ -163,6 +164,19 @@ def _method_spec(value) -> dict:
     if hasattr(value, "as_dict"):  # a jsonargparse Namespace
         value = value.as_dict()
     return from_spec(value).spec()
+
+
+def _model_path(value):
+    """Where a configured model is (a model source, ``class_path`` / ``init_args``, says without making it)."""
+    if not hasattr(value, "class_path"):
+        return value
+    import importlib
+
+    from rece_lightning.diffusion import describe_model
+
+    module_name, _, class_name = value.class_path.rpartition(".")
+    source = getattr(importlib.import_module(module_name), class_name)(**vars(value.init_args or {}))
+    return describe_model(source)
 
 
 def _normalised(value):
