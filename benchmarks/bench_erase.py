@@ -172,8 +172,8 @@ class PhaseClock:
     TARGETS = (
         ("hash", base_cache, "kv_digest"),
         ("gram", closed_form, "gram_matrix"),
-        ("encoding", diffusion, "encode_prompts"),
-        ("edit", RECEModule, "_edit"),
+        ("encoding", families.ModelFamily, "encode"),
+        ("edit", RECEModule, "edit"),
         ("derivation", closed_form, "derive_embedding_from_state"),
         ("write", RECEModule, "_write"),
     )
@@ -256,7 +256,7 @@ def per_matrix_reference(
     ``jitter``: relative noise on the text encodings (a few float64 ulps at 1e-15), to measure how far the problem's own
     conditioning moves the result: two correct float64 algorithms cannot agree closer than that.
     """
-    hp = module.hparams
+    hp = module.method
     names = list(module.original_kv)
     originals = [module.original_kv[n].double() for n in names]
     encoded = dict(zip([*concepts, " "], module.encoded([*concepts, " "]), strict=True))
