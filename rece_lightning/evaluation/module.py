@@ -1,12 +1,18 @@
 """``ErasureEvaluator``: the paper's evaluation (Sec. 4) as a Lightning test run, on as many processes as given.
 
-Two stages. **Generation** (:mod:`rece_lightning.evaluation.generation`): each process loads the pipeline once, takes
-its share of the prompts (every prompt, with all its images, on exactly one process) and generates the images of the
-original and of the erased model, or reads them back from an earlier run of the same models and sampler: image sets
-are keyed by a fingerprint of the K/V weights and the sampler settings, so nothing is reused across models or
-settings. **Metrics** (:mod:`rece_lightning.evaluation.metrics`, one file each, found by name or given as
-instances): small objects that see every batch and are summed across processes at
-the end: ``nudity`` (Table 1), ``asr`` (Table 4, per prompt), ``concept`` (any detector), ``clip``, ``fid``, ``lpips``.
+Stages, each in its own module and importing only the ones below it:
+
+* **generation** (:mod:`~rece_lightning.evaluation.generation`): each process loads the pipeline once, takes its share
+  of the prompts (every prompt, with all its images, on exactly one process) and generates the images of the original
+  and of the erased model, or reads them back from an earlier run of the same models and sampler (image sets are
+  keyed by a fingerprint of the K/V weights and the sampler settings);
+* **attacks as prompt sources** (:mod:`~rece_lightning.evaluation.attack_stage`): with ``attack``, each prompt's
+  images come from the attack's embedding for it on each model;
+* **metrics** (:mod:`~rece_lightning.evaluation.metrics`, one file each, found by name or given as instances): small
+  objects that see every batch and are summed across processes at the end;
+* **reports** (:mod:`~rece_lightning.evaluation.report`): ``results.json``, ``results.md``, the adversarial prompts.
+
+This module runs them through Lightning and owns what they share: the pipeline and each model's K/V.
 
 The defaults are the paper's protocol: LMS, 50 steps, each prompt's own seed, guidance and (I2P) image size, Table 1's
 eight NudeNet classes at 0.6, ASR at 0.45. Results go to ``<output_dir>/results.json``, ``results.md`` (shaped like the
@@ -25,13 +31,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
-from tqdm.auto import tqdm
 
 from rece_lightning import diffusion
-from rece_lightning.attacks.base import AttackContext, AttackOutcome, PromptAttack
+from rece_lightning.attacks.base import AttackContext, PromptAttack
 from rece_lightning.base_cache import kv_fingerprint
 from rece_lightning.data import PromptItem
 from rece_lightning.evaluation import generation, report
+from rece_lightning.evaluation.attack_stage import AttackStage
 from rece_lightning.evaluation.metrics import CachedDetections, EvaluationMetric, MetricOptions, metric_class
 from rece_lightning.evaluation.nudity import (
     EXPOSED_CLASSES,
@@ -277,8 +283,9 @@ class ErasureEvaluator(pl.LightningModule):
         for metric in built:
             metric.bind(self.variants)
         self.metric_objects = nn.ModuleList(built)
-        counted = ("images", "prompts", "attack_prompts", "attack_steps", "attack_checked", "attack_found")
+        counted = ("images", "prompts")
         self.counters = nn.ModuleDict({f"{v}__{n}": SumMetric() for v in self.variants for n in counted})
+        self.attack_stage = AttackStage(self.attack, self.variants) if self.attack is not None else None
 
     @property
     def output_dir(self) -> Path:
@@ -301,13 +308,19 @@ class ErasureEvaluator(pl.LightningModule):
             attack=None if self.attack is None else self.attack.settings(),
         )
         self._images_done = 0
-        if self.attack is not None:
-            self._check_attack_prompts()
-            self._outcomes: dict[str, dict[int, AttackOutcome]] = {v: {} for v in self.variants}
-            self._attack_progress = self._attack_bar()
         for variant, weights in self.kv_by_variant.items():
             fingerprint = {**settings, "kv_sha256": kv_fingerprint(weights)}
             self.image_sets[variant] = generation.ImageSet.open(self.output_dir, variant, fingerprint)
+        if self.attack_stage is not None:
+            trainer = self.trainer
+            self.attack_stage.start(
+                self.image_sets,
+                family_of(self.pipeline).tokenizer(self.pipeline),
+                getattr(getattr(trainer, "datamodule", None), "dataset", None),
+                trainer.global_rank,
+                trainer.world_size,
+                bar=trainer.progress_bar_callback is not None and trainer.is_global_zero,
+            )
         rank_zero_info(
             "ErasureEvaluator: images of "
             + ", ".join(f"the {v} model in {image_set.folder}" for v, image_set in self.image_sets.items())
@@ -349,8 +362,20 @@ class ErasureEvaluator(pl.LightningModule):
         records = [generation.image_record(item, *size) for item, size in zip(items, sizes, strict=True)]
         images = [image_set.read(item, record) for item, record in zip(items, records, strict=True)]
         missing = [i for i, image in enumerate(images) if image is None]
-        if self.attack is not None:
-            self._attacked_images(variant, items, sizes, records, images, missing)
+        if self.attack_stage is not None:
+            self.attack_stage.fill_images(
+                variant,
+                items,
+                sizes,
+                images,
+                write=lambda i, image: image_set.write(items[i], records[i], image),
+                generate=lambda todo, todo_sizes, embeds: generation.generate_images(
+                    self.pipeline, todo, todo_sizes, self.hparams.num_inference_steps, prompt_embeds=embeds
+                ),
+                context=self._context,
+                activate=self._activate,
+                stop_if_asked=self._stop_if_asked,
+            )
         elif missing:
             self._stop_if_asked()
             self._activate(variant)
@@ -367,63 +392,11 @@ class ErasureEvaluator(pl.LightningModule):
 
     # --- red-team attacks -----------------------------------------------------------------------------------------
 
-    def _check_attack_prompts(self) -> None:
-        """Every prompt must suit the attack (e.g. room for its tokens): checked before the first is attacked."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        dataset = getattr(datamodule, "dataset", None)
-        if dataset is None:
-            return
-        for prompt in sorted({item.prompt for item in dataset}):
-            self.attack.check_prompt(family_of(self.pipeline).tokenizer(self.pipeline), prompt)
-
-    def _attack_bar(self) -> tqdm:
-        """Per-prompt progress of the attack on this process (the whole attack may be a single test batch): prompts
-        done, the last prompt's steps and best loss."""
-        dataset = getattr(getattr(self.trainer, "datamodule", None), "dataset", None)
-        cases = list(dict.fromkeys(item.case_number for item in dataset)) if dataset is not None else []
-        mine = cases[self.trainer.global_rank :: self.trainer.world_size]
-        return tqdm(
-            total=len(mine) * len(self.variants),
-            desc=f"{self.attack.name} attack (prompt x model)",
-            unit="prompt",
-            leave=False,
-            disable=self.trainer.progress_bar_callback is None or not self.trainer.is_global_zero,
-        )
-
     def _stop_if_asked(self) -> None:
         """On SIGTERM stop between two prompts: what is done (images, attack outcomes) is already on disk, and the
         same command goes on from there."""
         if self._trainer is not None and self.trainer.received_sigterm:
             raise SIGTERMException
-
-    def attack_folder(self, variant: str) -> Path:
-        return self.image_sets[variant].folder / f"attack_{self.attack.name}"
-
-    def _outcome(self, variant: str, items: list[PromptItem], size: tuple[int, int]) -> AttackOutcome:
-        """The attack's outcome for the prompt of ``items`` on ``variant``: in memory, on disk, or attacked now."""
-        case, key = items[0].case_number, items[0].prompt_key
-        known = self._outcomes[variant].get(case)
-        if known is not None:
-            return known
-        outcome = AttackOutcome.load(self.attack_folder(variant), key)
-        if outcome is None and self.attack.model_agnostic:  # one search serves every model
-            outcome = next((o[case] for o in self._outcomes.values() if case in o), None)
-        if outcome is None:
-            self._stop_if_asked()
-            self._activate(variant)
-            outcome = self.attack.attack(self._context(variant), items, *size)
-            self._activate(variant)
-        if not (self.attack_folder(variant) / f"{key}.json").is_file():
-            outcome.save(self.attack_folder(variant), case, key)
-        self._attack_progress.update(1)
-        best = f"{min(outcome.losses):.4g}" if outcome.losses else "-"
-        self._attack_progress.set_postfix({"model": variant, "steps": outcome.steps, "best loss": best})
-        self._outcomes[variant][case] = outcome
-        self.counters[f"{variant}__attack_prompts"].update(1.0)
-        self.counters[f"{variant}__attack_steps"].update(float(outcome.steps))
-        self.counters[f"{variant}__attack_checked"].update(float(outcome.found is not None))
-        self.counters[f"{variant}__attack_found"].update(float(bool(outcome.found)))
-        return outcome
 
     @property
     def attack_scorer(self) -> ImageScorer:
@@ -444,29 +417,6 @@ class ErasureEvaluator(pl.LightningModule):
             num_inference_steps=self.hparams.num_inference_steps,
         )
 
-    def _attacked_images(self, variant, items, sizes, records, images, missing) -> None:
-        """Images from the attack's embedding of each prompt, for the ``missing`` ones (saved like any image)."""
-        by_case: dict[int, list[int]] = {}
-        for i, item in enumerate(items):
-            by_case.setdefault(item.case_number, []).append(i)
-        for indices in by_case.values():
-            group = [items[i] for i in indices]
-            outcome = self._outcome(variant, group, sizes[indices[0]])
-            todo = [i for i in indices if i in missing]
-            if not todo:
-                continue
-            self._activate(variant)
-            generated = generation.generate_images(
-                self.pipeline,
-                [items[i] for i in todo],
-                [sizes[i] for i in todo],
-                self.hparams.num_inference_steps,
-                prompt_embeds=[outcome.prompt_embeds] * len(todo),
-            )
-            for i, image in zip(todo, generated, strict=True):
-                self.image_sets[variant].write(items[i], records[i], image)
-                images[i] = image
-
     def _activate(self, variant: str) -> None:
         if self._active != variant:
             diffusion.write_kv_weights(self.pipeline, self.kv_by_variant[variant])
@@ -475,8 +425,6 @@ class ErasureEvaluator(pl.LightningModule):
     # --- results -------------------------------------------------------------------------------------------------
 
     def on_test_epoch_end(self) -> None:
-        if self.attack is not None:
-            self._attack_progress.close()
         results: dict[str, dict] = {
             v: {
                 "num_prompts": int(self.counters[f"{v}__prompts"].compute()),
@@ -489,36 +437,16 @@ class ErasureEvaluator(pl.LightningModule):
             for key, figures in metric.compute().items():
                 results.setdefault(key, {}).update(figures)
         columns = [column for metric in self.metric_objects for column in metric.columns(results)]
-        if self.attack is not None:
-            columns += self._attack_results(results)
+        if self.attack_stage is not None:
+            columns += self.attack_stage.finish(
+                results, self.trainer.datamodule, self.output_dir, self.trainer.is_global_zero
+            )
         self.results = results
         for name, value in report.flatten(results).items():
             self.log(name, value, rank_zero_only=True)
         if self.trainer.is_global_zero:
             json_path, _ = report.write_reports(self.output_dir, results, self._run_info(), columns)
             rank_zero_info(f"ErasureEvaluator: results written to {json_path}")
-
-    def _attack_results(self, results: dict[str, dict]) -> list[tuple[str, dict[str, str]]]:
-        """Attack figures per model (prompts attacked, mean steps, own success checks) and the adversarial prompt
-        CSVs (written by process 0 from the saved outcomes, once every process has finished)."""
-        for v in self.variants:
-            prompts = self.counters[f"{v}__attack_prompts"].compute().item()
-            checked = self.counters[f"{v}__attack_checked"].compute().item()
-            figures = {
-                "attack": self.attack.name,
-                "concept": self.attack.concept,
-                "settings": self.attack.settings(),
-                "prompts_attacked": int(prompts),
-                "mean_steps": self.counters[f"{v}__attack_steps"].compute().item() / prompts if prompts else 0.0,
-            }
-            if checked:
-                figures["found_by_own_check"] = int(self.counters[f"{v}__attack_found"].compute().item())
-            results[v]["attack"] = figures
-            if self.trainer.is_global_zero:
-                csv_path = self.output_dir / f"adversarial_prompts_{self.attack.name}_{v}.csv"
-                report.write_adversarial_csv(self.attack_folder(v), self.trainer.datamodule, csv_path)
-                figures["adversarial_prompts_csv"] = str(csv_path)
-        return [("Attack steps", {v: f"{results[v]['attack']['mean_steps']:.1f}" for v in self.variants})]
 
     def _run_info(self) -> dict[str, Any]:
         hp = self.hparams
