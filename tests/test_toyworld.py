@@ -383,18 +383,18 @@ def test_an_erase_concept_the_toy_tokenizer_does_not_know_is_refused_before_load
 
 
 @pytest.mark.parametrize("script", ["toy_table1", "toy_style", "toy_object", "toy_many", "toy_redteam"])
-def test_a_benchmark_pointed_at_a_missing_model_stops_at_once(script, tmp_path):
-    import subprocess
+def test_a_benchmark_pointed_at_a_missing_model_stops_at_once(script, tmp_path, monkeypatch, capsys):
+    """Run as ``python benchmarks/<script>.py`` (``__main__``), in this process: the libraries are imported already."""
+    import runpy
     import sys
 
     root = Path(__file__).resolve().parents[1]
     missing = tmp_path / "no-such-model"
-    command = [sys.executable, str(root / "benchmarks" / f"{script}.py"), "--model", str(missing)]
-    run = subprocess.run(
-        [*command, "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 2 and "no-such-model" in run.stderr and "model_index.json" in run.stderr, run.stderr
+    path = root / "benchmarks" / f"{script}.py"
+    monkeypatch.setattr(sys, "argv", [str(path), "--model", str(missing), "--out", str(tmp_path / "o")])
+    monkeypatch.setattr(sys, "path", [str(path.parent), *sys.path])  # as python puts the script's folder first
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(path), run_name="__main__")
+    stderr = capsys.readouterr().err
+    assert stopped.value.code == 2 and "no-such-model" in stderr and "model_index.json" in stderr, stderr
     assert not list(tmp_path.glob("o*"))  # nothing written
