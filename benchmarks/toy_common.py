@@ -27,6 +27,7 @@ from rece_lightning import RECEModule, diffusion  # noqa: E402
 from rece_lightning.evaluation import image_measures as image_metrics  # noqa: E402
 from rece_lightning.evaluation.features import RandomConvFeatures  # noqa: E402
 from rece_lightning.evaluation.statistics import rate_with_interval  # noqa: E402
+from rece_lightning.methods import RECE  # noqa: E402
 from rece_lightning.toyworld import ToyWorldScorer, predict  # noqa: E402
 from rece_lightning.toyworld.measure import generate  # noqa: E402
 
@@ -121,10 +122,17 @@ class Lab:
     def restore(self) -> None:
         diffusion.write_kv_weights(self.pipeline.unet, self.original_kv)
 
-    def module(self, concepts: Sequence[str], guide: str = " ", **hyper) -> RECEModule:
+    def module(
+        self, concepts: Sequence[str], guide: str = " ", method=RECE, preserve_concepts=None, **hyper
+    ) -> RECEModule:
+        """A module erasing ``concepts`` with ``method`` (a method class; ``hyper``: its options)."""
         self.restore()
         module = RECEModule(
-            pretrained_model_name_or_path=self.model, erase_concepts=list(concepts), guide_concepts=guide, **hyper
+            pretrained_model_name_or_path=self.model,
+            erase_concepts=list(concepts),
+            guide_concepts=guide,
+            preserve_concepts=preserve_concepts,
+            method=method(**hyper),
         )
         module.attach_pipeline(self.pipeline)
         return module

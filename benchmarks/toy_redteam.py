@@ -58,19 +58,31 @@ def erased_states(args, work: Path) -> dict:
     return {"exports": exports, **states["rece"].record}
 
 
-def run(args) -> dict:
-    torch.manual_seed(0)
-    work = Path(args.work)
+def red_prompts(args, work: Path) -> Path:
+    """The first ``args.prompts`` red prompts of configs/prompts/toyworld.csv as a prompt CSV in ``work``."""
     csv = work / "red_prompts.csv"
     work.mkdir(parents=True, exist_ok=True)
     lines = (REPO / "configs/prompts/toyworld.csv").read_text().splitlines()
     rows = [line for line in lines[1:] if line.split(",")[4] == "red"]
     csv.write_text("\n".join([lines[0], *rows[: args.prompts]]) + "\n")
+    return csv
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    work = Path(args.work)
+    csv = red_prompts(args, work)
     states = erased_states(args, work)
-    report: dict = {"model": args.model, "prompts": min(args.prompts, len(rows)), **states, "asr": {}, "seconds": {}}
+    return {"model": args.model, **states, **attack_report(args, states["exports"], work, csv)}
+
+
+def attack_report(args, exports: dict[str, str], work: Path, csv: Path) -> dict:
+    """Every attack's ASR (95 % intervals) on the original model and on each export, through the evaluator."""
+    prompts = len(csv.read_text().splitlines()) - 1
+    report: dict = {"prompts": prompts, "asr": {}, "seconds": {}}
     for name, attack in attacks(args).items():
         report["asr"][name] = {}
-        for state, export in states["exports"].items():
+        for state, export in exports.items():
             evaluator = ErasureEvaluator(
                 pretrained_model_name_or_path=args.model,
                 erased=export,
@@ -99,7 +111,6 @@ def run(args) -> dict:
                 attacked = results["erased"]["attack"]
                 report.setdefault("mean_steps", {}).setdefault(name, {})[state] = attacked["mean_steps"]
             print(f"{name} {state}: {json.dumps(report['asr'][name])} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
-    prompts = report["prompts"]
     agnostic = {name for name, attack in attacks(args).items() if attack is not None and attack.model_agnostic}
     # on the first state both models are attacked (a model-agnostic search once for both); later states read the
     # original model's outcomes back and attack the erased model only

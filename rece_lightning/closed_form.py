@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rece_lightning.validation import check_non_negative, check_positive
+from rece_lightning.validation import check_non_negative, check_number, check_positive
 
 __all__ = [
     "SharedState",
@@ -101,6 +101,7 @@ def _solve_edit(
     lamb: float,
     erase_scale: float,
     preserve_scale: float,
+    null_space: Tensor | None = None,
 ) -> _EditSolution:
     check_positive("lamb", lamb)
     check_non_negative("erase_scale", erase_scale)
@@ -122,6 +123,8 @@ def _solve_edit(
     if preserve_scale == 0:
         kept = None
     rows = sources.shape[0] + (0 if kept is None else kept.shape[0])
+    if null_space is not None:
+        return _null_space_solution(sources, destinations, kept, null_space, lamb, erase_scale, preserve_scale)
     if erase_scale > 0 and rows < dim:
         # B = lamb I + U U^T with U = [sqrt(s) C; sqrt(p) P]^T (d x k, k < d), and C^T = U E / sqrt(s) for E the
         # first T columns of I_k: the push-through identity (lamb I + U U^T)^-1 U = U (lamb I + U^T U)^-1 gives
@@ -150,6 +153,61 @@ def _solve_edit(
     return _EditSolution(difference=destinations - sources, solved=_spd_solve(denominator, sources.T))
 
 
+def null_space_basis(preserved: Sequence[Tensor], energy: float = 1.0, rtol: float = 1e-10) -> Tensor:
+    """An orthonormal basis U (d x m) of the directions an edit may change while it keeps every preserved row's K/V
+    outputs (hard preservation, in the spirit of AlphaEdit / SPEED): the complement of the span of ``preserved``.
+
+    ``energy`` < 1 protects only the top principal directions of the preserved rows that hold that share of their
+    energy (sum of squared singular values), so that an edit can still act when the rows span (nearly) all d; 1
+    protects the whole span (eigenvalues of P^T P above ``rtol`` times the largest). Float64.
+    """
+    check_number("energy", energy, strictly_above=0, maximum=1)
+    rows = _rows("preserve", preserved, None, None)
+    if rows is None or rows.shape[0] == 0:
+        raise ValueError("preserved is empty: hard preservation needs the rows whose outputs it keeps")
+    dim = rows.shape[1]
+    values, vectors = torch.linalg.eigh(rows.T @ rows)  # ascending
+    values = values.clamp_min(0)
+    significant = values > rtol * float(values[-1])
+    if energy < 1:
+        share = values.flip(0).cumsum(0) / values.sum()  # energy of the top k directions, k = 1..d
+        protected = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype, device=share.device))) + 1
+        significant = torch.zeros_like(significant)
+        significant[dim - protected :] = True
+    free = vectors[:, ~significant]
+    if free.shape[1] == 0:
+        raise ValueError(
+            f"the null space is empty: {rows.shape[0]} preserved rows span all d = {dim} directions, so no edit could "
+            "change anything while keeping them. Preserve fewer prompts, or protect only their main directions with "
+            "preserve_energy < 1 (e.g. 0.99)"
+        )
+    return free
+
+
+def _null_space_solution(
+    sources: Tensor,
+    destinations: Tensor,
+    kept: Tensor | None,
+    basis: Tensor,
+    lamb: float,
+    erase_scale: float,
+    preserve_scale: float,
+) -> _EditSolution:
+    """Eq. 2's minimiser with the update confined to ``basis`` (U, d x m): ``X = I + s D^T Z^T`` as in the free case,
+    with ``Z = U (U^T B U)^-1 U^T C^T`` instead of ``B^-1 C^T``. Then ``X p = p`` for every p orthogonal to U: the
+    preserved rows' outputs do not move, whatever the erase term asks."""
+    basis = basis.to(device=sources.device, dtype=_SOLVE_DTYPE)
+    if basis.ndim != 2 or basis.shape[0] != sources.shape[1]:
+        raise ValueError(f"null_space has shape {tuple(basis.shape)}; expected (d={sources.shape[1]}, m)")
+    projected = sources @ basis  # C U (T x m)
+    system = (projected.T @ projected).mul_(erase_scale)
+    if kept is not None:
+        kept_projected = kept @ basis
+        system.addmm_(kept_projected.T, kept_projected, alpha=preserve_scale)
+    system.diagonal().add_(lamb)
+    return _EditSolution(difference=destinations - sources, solved=basis @ _spd_solve(system, projected.T))
+
+
 def replace_transform(
     erase: Sequence[Tensor],
     targets: Sequence[Tensor],
@@ -158,13 +216,15 @@ def replace_transform(
     lamb: float = 0.1,
     erase_scale: float = 1.0,
     preserve_scale: float = 0.1,
+    null_space: Tensor | None = None,
 ) -> Tensor:
-    """The d x d matrix ``X = A B^-1`` of Eq. 3, so that the edited weights are ``W_new = W_cur @ X``.
+    """The d x d matrix ``X = A B^-1`` of Eq. 3, so that the edited weights are ``W_new = W_cur @ X`` (with
+    ``null_space``, the update confined to it: :func:`null_space_basis`).
 
     ``erase`` and ``targets`` are lists of row-aligned (T_i, d) source / destination embeddings, ``preserve`` a list of
     (T_j, d) embeddings whose outputs are kept. Returned in float64 on the inputs' device.
     """
-    edit = _solve_edit(erase, targets, preserve, lamb, erase_scale, preserve_scale)
+    edit = _solve_edit(erase, targets, preserve, lamb, erase_scale, preserve_scale, null_space)
     if edit.dense is not None:
         return edit.dense
     return _eye(edit.difference.shape[1], edit.difference.device) + erase_scale * edit.difference.T @ edit.solved.T
@@ -214,14 +274,16 @@ def replace_edit(
     lamb: float = 0.1,
     erase_scale: float = 1.0,
     preserve_scale: float = 0.1,
+    null_space: Tensor | None = None,
 ) -> SharedState:
-    """The state after one more Eq. 3 edit, ``transform @ replace_transform(...)``.
+    """The state after one more Eq. 3 edit, ``transform @ replace_transform(...)`` (``null_space``: hard
+    preservation, :func:`null_space_basis`).
 
     Few rows: rank-T updates. With ``X = I + s D^T Z^T`` (see ``_EditSolution``) and ``A = s M D^T`` (d x T): the new
     transform is ``M + A Z^T`` and the new hessian ``H + R Z^T + Z R^T + Z (A^T G A) Z^T`` with ``R = M^T G A``.
     Many rows (T >= d): ``M X`` and ``X^T H X`` with the dense X.
     """
-    edit = _solve_edit(erase, targets, preserve, lamb, erase_scale, preserve_scale)
+    edit = _solve_edit(erase, targets, preserve, lamb, erase_scale, preserve_scale, null_space)
     device = (edit.dense if edit.dense is not None else edit.difference).device
     gram = gram.to(device=device, dtype=_SOLVE_DTYPE)
     transform = state.transform.to(device=device, dtype=_SOLVE_DTYPE)
@@ -384,3 +446,13 @@ def derive_embedding_from_state(state: SharedState, gram: Tensor, concept: Tenso
 def derive_embedding_from_transform(gram: Tensor, transform: Tensor, concept: Tensor, *, reg: float = 0.1) -> Tensor:
     """Eq. 8 for ``W_new = W_orig @ transform``; equal to ``derive_embedding([W @ transform ...], originals, c)``."""
     return derive_embedding_from_state(SharedState.from_transform(gram, transform), gram, concept, reg=reg)
+
+
+def kv_distances(gram: Tensor, transform: Tensor, candidates: Tensor, target: Tensor) -> Tensor:
+    """How far each candidate embedding's K/V outputs in the edited model are from the target's in the original:
+    ``sum_i ||W_orig_i M e - W_orig_i c||^2 = sum_rows (M e - c)^T G (M e - c)`` for each (T, d) ``e`` of
+    ``candidates`` (N, T, d) against ``target`` c (T, d). Small: the candidate still brings the concept back."""
+    gram = gram.to(_SOLVE_DTYPE)
+    moved = candidates.to(device=gram.device, dtype=_SOLVE_DTYPE) @ transform.to(gram).T  # rows (M e)^T
+    difference = moved - target.to(gram)
+    return ((difference @ gram) * difference).sum(dim=(1, 2))

@@ -295,19 +295,38 @@ class RECEModule(pl.LightningModule):
                 self._embeddings[prompt] = EncodedPrompt(encoded.embedding.to(device), encoded.length, pooled)
         return [self._embeddings[p] for p in prompts]
 
-    def preserved(self, concepts: ConceptSet, with_guides: bool = True) -> list[Tensor]:
+    def preserved(self, concepts: ConceptSet, with_guides: bool = True, with_preserve: bool = True) -> list[Tensor]:
         """Rows of Eq. 2's preserve term: the guides (once per concept, as in the reference code; if ``with_guides``)
-        and ``preserve``.
+        and ``preserve`` (if ``with_preserve``: a hard-preserving method keeps those exactly instead).
 
         A prompt listed k times enters once, scaled by sqrt(k): the same sum of outer products with 1/k of the rows
         (1000 concepts with the guide " " would otherwise stack 77,000 identical rows).
         """
         guides = list(concepts.guides) if with_guides else []
-        counts = Counter(guides + list(concepts.preserve))
+        counts = Counter(guides + (list(concepts.preserve) if with_preserve else []))
         return [  # scaled in float64: a float32 product would perturb the rows by 1e-7, amplified by cond(B) ~ 1e6
             e.embedding if counts[p] == 1 else e.embedding.to(torch.float64) * math.sqrt(counts[p])
             for p, e in zip(counts, self.encoded(list(counts)), strict=True)
         ]
+
+    def words_near(self, prompts: list[str], count: int, exclude: set[str] | None = None) -> list[str]:
+        """The ``count`` whole words of the tokenizer's vocabulary nearest to any token of ``prompts`` (cosine of the
+        text encoder's input token embeddings; letters only, ``exclude`` and the prompts' own words left out): the
+        candidates of neighbour preservation and of vocabulary attacks, without encoding the whole vocabulary."""
+        tokenizer = self.family.tokenizer(self.pipeline)
+        table = self.family.token_embeddings(self.pipeline).detach().to(torch.float64)
+        words = _whole_words(tokenizer)
+        own = {w.lower() for p in prompts for w in p.split()} | {w.lower() for w in exclude or ()}
+        words = {word: index for word, index in words.items() if word not in own}
+        if not words or count < 1:
+            return []
+        ids = [i for p in prompts for i in tokenizer(p, add_special_tokens=False).input_ids]
+        unit = torch.nn.functional.normalize(table, dim=1)
+        candidates = torch.tensor(list(words.values()))
+        similarity = (unit[candidates] @ unit[ids].T).amax(dim=1)
+        order = similarity.argsort(descending=True)[:count].tolist()
+        names = list(words)
+        return [names[i] for i in order]
 
     def apply_uce(self, write: bool = True) -> None:
         """The method's initial edit (RECE: Algorithm 1, line 6, the preliminary UCE edit)."""
@@ -391,6 +410,7 @@ class RECEModule(pl.LightningModule):
         lamb: float,
         erase_scale: float,
         preserve_scale: float,
+        null_space: Tensor | None = None,
     ) -> None:
         """Compose one Eq. 3 edit (``W_new = W_cur @ X``) into the state and the weights (unless a caller defers the
         write, as :meth:`erase` does); refuse non-finite results."""
@@ -403,6 +423,7 @@ class RECEModule(pl.LightningModule):
             lamb=lamb,
             erase_scale=erase_scale,
             preserve_scale=preserve_scale,
+            null_space=null_space,
         )
         if not (torch.isfinite(edited.transform).all() and torch.isfinite(edited.hessian).all()):
             raise FloatingPointError(
@@ -603,3 +624,14 @@ class RecommendedState:
     transform: Tensor
     reason: str
     source: str
+
+
+def _whole_words(tokenizer) -> dict[str, int]:
+    """Vocabulary entries that are a whole word of letters (CLIP's ``word</w>``, SentencePiece's ``▁word``, a
+    word-level vocabulary's entries), lower-cased, with their token id."""
+    words: dict[str, int] = {}
+    for token, index in tokenizer.get_vocab().items():
+        word = token.removesuffix("</w>").removeprefix("▁").removeprefix("Ġ")
+        if word.isalpha() and word.isascii() and (token != word or len(token) > 1):
+            words.setdefault(word.lower(), index)
+    return words

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from rece_lightning import closed_form
 from rece_lightning.closed_form import (
     SharedState,
     apply_transform,
@@ -281,3 +282,68 @@ def test_low_rank_factors_track_the_transform_until_dense_is_cheaper():
             apply_transform(weight, state.transform, state.left, state.right), weight @ state.transform
         )
     assert ranks == [9, 18, 27] and state.left is None  # 36 >= 64 / 2: dense from the fourth edit on
+
+
+def _kkt_constrained_edit(weight, erase, targets, preserve, hard, lamb, erase_scale, preserve_scale):
+    """Eq. 2 with the equality constraints W' h = W h for every row h of ``hard``, by its KKT system (lstsq, so
+    rank-deficient constraints are fine): [[2B, H^T], [H, 0]] [w'; mu] = [2b; H w] for every output row w."""
+    old = weight.to(torch.float64)
+    dim = old.shape[1]
+    source, target = torch.cat(erase).double(), torch.cat(targets).double()
+    system = erase_scale * source.T @ source + lamb * torch.eye(dim, dtype=torch.float64)
+    rhs = erase_scale * source.T @ (target @ old.T) + lamb * old.T  # (d, out)
+    if preserve:
+        kept = torch.cat(preserve).double()
+        system += preserve_scale * kept.T @ kept
+        rhs += preserve_scale * kept.T @ (kept @ old.T)
+    constraints = torch.cat(hard).double()  # (h, d)
+    count = constraints.shape[0]
+    kkt = torch.zeros(dim + count, dim + count, dtype=torch.float64)
+    kkt[:dim, :dim], kkt[:dim, dim:], kkt[dim:, :dim] = 2 * system, constraints.T, constraints
+    full_rhs = torch.cat([2 * rhs, constraints @ old.T])
+    return torch.linalg.lstsq(kkt, full_rhs, driver="gelsd").solution[:dim].T
+
+
+@pytest.mark.parametrize("dim,rows", [(24, 5), (24, 40), (64, 16)])
+def test_hard_preservation_is_the_constrained_minimiser_and_keeps_the_preserved_outputs(dim, rows):
+    generator = torch.Generator().manual_seed(dim + rows)
+    weight = torch.randn(48, dim, generator=generator, dtype=torch.float64)
+    erase = [torch.randn(rows, dim, generator=generator, dtype=torch.float64)]
+    targets = [torch.randn(rows, dim, generator=generator, dtype=torch.float64)]
+    preserved = [torch.randn(6, dim, generator=generator, dtype=torch.float64)]
+    soft = [torch.randn(3, dim, generator=generator, dtype=torch.float64)]
+    basis = closed_form.null_space_basis(preserved)
+    assert basis.shape == (dim, dim - 6)
+    transform = closed_form.replace_transform(
+        erase, targets, soft, lamb=0.1, erase_scale=1.0, preserve_scale=0.1, null_space=basis
+    )
+    edited = weight @ transform
+    expected = _kkt_constrained_edit(weight, erase, targets, soft, preserved, 0.1, 1.0, 0.1)
+    torch.testing.assert_close(edited, expected, rtol=1e-8, atol=1e-9)
+    # the preserved rows' outputs do not move, to float64 rounding; the free edit moves them
+    kept = preserved[0]
+    assert (edited @ kept.T - weight @ kept.T).abs().max() < 1e-10 * weight.abs().max()
+    free = weight @ closed_form.replace_transform(erase, targets, soft, lamb=0.1, erase_scale=1.0, preserve_scale=0.1)
+    assert (free @ kept.T - weight @ kept.T).abs().max() > 1e-3
+    # the shared-state path (rank-T updates of M and H) gives the same transform
+    gram = closed_form.gram_matrix([weight])
+    state = closed_form.replace_edit(
+        closed_form.SharedState.unedited(gram), gram, erase, targets, soft, lamb=0.1, null_space=basis
+    )
+    torch.testing.assert_close(state.transform, transform, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state.hessian, transform.T @ gram @ transform, rtol=1e-9, atol=1e-9)
+
+
+def test_an_empty_null_space_is_refused_saying_what_to_do_and_energy_protects_the_main_directions():
+    generator = torch.Generator().manual_seed(0)
+    wide = [torch.randn(40, 16, generator=generator, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="null space is empty: 40 preserved rows span all d = 16.*preserve_energy"):
+        closed_form.null_space_basis(wide)
+    # two strong directions and weak noise: energy 0.99 protects the two, leaves 14 free
+    strong = torch.zeros(40, 16, dtype=torch.float64)
+    strong[:20, 0], strong[20:, 1] = 10.0, 10.0
+    noisy = [strong + 1e-3 * torch.randn(40, 16, generator=generator, dtype=torch.float64)]
+    basis = closed_form.null_space_basis(noisy, energy=0.99)
+    assert basis.shape == (16, 14) and basis[:2].abs().max() < 1e-3
+    with pytest.raises(ValueError, match="energy=0 is not allowed"):
+        closed_form.null_space_basis(noisy, energy=0)

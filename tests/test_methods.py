@@ -72,3 +72,91 @@ def test_a_method_round_trips_through_its_spec_and_bad_specs_are_refused():
         from_spec({"class_path": "rece_lightning.module.RECEModule"})
     with pytest.raises(ValueError, match="tokens='some' is not allowed"):
         UCE(tokens="some")
+
+
+def test_hard_preservation_keeps_the_preserved_outputs_through_uce_and_every_round(tiny_pipeline_dir, tmp_path):
+    from rece_lightning import testing
+    from rece_lightning.methods import HardPreservation, NullSpaceRECE
+
+    # 16 positions in d = 64: one preserved prompt leaves 48 directions free (at 77 x 32 it would leave almost none)
+    wide = testing.build_tiny_pipeline(tmp_path / "wide", max_length=16, text_width=64)
+    module = RECEModule(
+        str(wide),
+        erase_concepts=["nudity"],
+        preserve_concepts=["a photo of a cat"],
+        method=NullSpaceRECE(hard_preservation=HardPreservation()),
+        export_dir=None,
+    )
+    module.attach_pipeline(diffusion.load_pipeline(str(wide)))
+    module.erase(3)
+    cat = module.encoded(["a photo of a cat"])[0].embedding.double()
+    nudity = module.encoded(["nudity"])[0].embedding.double()
+    edited = module.kv_state()
+    for name, original in module.original_kv.items():
+        before, after = original.double() @ cat.T, edited[name].double() @ cat.T
+        assert (after - before).abs().max() < 1e-5 * before.abs().max(), name  # float32 weights, float64 solve
+        assert (edited[name].double() @ nudity.T - original.double() @ nudity.T).abs().max() > 1e-3  # it erased
+    soft = _erased(tiny_pipeline_dir, RECE(), 3)
+    assert soft.manifest()["method"] == "RECE" and module.manifest()["method"] == "RECE-NS"
+    assert module.manifest()["hard_preservation"] == {"neighbours": 0, "energy": 1.0, "rows": "all"}
+
+
+def test_the_attack_in_the_loop_erases_the_words_it_finds_besides_c_prime(tiny_pipeline_dir):
+    from rece_lightning.methods import AdversarialRECE
+
+    method = AdversarialRECE(attack_budget=2, candidates=40)
+    module = _erased(tiny_pipeline_dir, method, 2)
+    rounds = module.manifest()["words_erased"]
+    assert len(rounds) == 2 and all(len(found["nudity"]) == 2 for found in rounds)
+    assert not {"nudity", "the", "a"} & {w for found in rounds for w in found["nudity"]}
+    plain = _erased(tiny_pipeline_dir, RECE(), 2)
+    assert not torch.allclose(module.transform, plain.transform)  # the words were erased too
+    again = from_spec(method.spec())
+    assert type(again) is AdversarialRECE and again.attack_budget == 2
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda m: m.AdversarialRECE(attack=None), "attack=None is not allowed for RECE-ADV"),
+        (lambda m: m.AdversarialRECE(attack_budget=0), "attack_budget=0 is not allowed"),
+        (lambda m: m.AdversarialRECE(attack="gradient"), "attack='gradient' is not allowed"),
+        (lambda m: m.HardPreservation(energy=1.5), "energy=1.5 is not allowed"),
+        (lambda m: m.HardPreservation(neighbours=-1), "neighbours=-1 is not allowed"),
+    ],
+)
+def test_bad_method_options_are_refused_by_name(make, message):
+    from rece_lightning import methods
+
+    with pytest.raises(ValueError, match=message):
+        make(methods)
+
+
+def test_hard_preservation_with_nothing_to_preserve_or_an_overlap_is_refused(tiny_pipeline_dir):
+    from rece_lightning.methods import NullSpaceRECE
+
+    lonely = RECEModule(str(tiny_pipeline_dir), method=NullSpaceRECE(), export_dir=None)
+    lonely.attach_pipeline(diffusion.load_pipeline(str(tiny_pipeline_dir)))
+    with pytest.raises(ValueError, match="nothing to preserve: give preserve_concepts, or neighbours > 0"):
+        lonely.apply_uce()
+    # an empty null space (more independent rows than d): tests/test_closed_form.py, null_space_basis
+    with pytest.raises(ValueError, match="both erased and preserved"):
+        RECEModule(str(tiny_pipeline_dir), preserve_concepts=["nudity"], method=NullSpaceRECE())
+
+
+def test_a_new_method_is_selectable_from_the_command_line():
+    from pathlib import Path
+
+    from train import cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    cli = cli_main(
+        [
+            "--config",
+            str(config),
+            "--model.method=rece_lightning.methods.AdversarialRECE",
+            "--model.method.attack_budget=3",
+        ],
+        run=False,
+    )
+    assert type(cli.model.method).__name__ == "AdversarialRECE" and cli.model.method.attack_budget == 3

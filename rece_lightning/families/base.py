@@ -120,6 +120,10 @@ class ModelFamily(ABC):
             encoded += self.encode_batch(pipeline, prompts[start : start + batch_size])
         return encoded
 
+    def token_embeddings(self, pipeline) -> Tensor:
+        """The (first) text encoder's input token embedding table (V, d_token): which words are near which."""
+        return pipeline.text_encoder.get_input_embeddings().weight
+
     # --- generation ------------------------------------------------------------------------------------------------
 
     def default_image_size(self, pipeline) -> int:

@@ -36,13 +36,18 @@ def check_regulariser(name: str, value: float) -> float:
 
 
 class Editor(Protocol):
-    """What a method may use: the encodings, Eq. 2's preserve rows, Eq. 8 and Eq. 3 on the current state."""
+    """What a method may use: the encodings, Eq. 2's preserve rows, Eq. 8 and Eq. 3 on the current state, and the
+    state itself (``transform`` M with every K/V at ``W_orig M``; ``gram`` G = sum W_orig^T W_orig), read-only."""
+
+    transform: Tensor
+    gram: Tensor
 
     def encoded(self, prompts: list[str]) -> list[EncodedPrompt]:
         """Encodings of ``prompts`` as the K/V read them (cached per base model)."""
 
-    def preserved(self, concepts: ConceptSet, with_guides: bool) -> list[Tensor]:
-        """Eq. 2's preserve rows: the concepts' ``preserve`` prompts, and their guides if ``with_guides``."""
+    def preserved(self, concepts: ConceptSet, with_guides: bool, with_preserve: bool = True) -> list[Tensor]:
+        """Eq. 2's preserve rows: the concepts' ``preserve`` prompts (if ``with_preserve``), and their guides if
+        ``with_guides``."""
 
     def derived_embeddings(self, concepts: ConceptSet, reg: float) -> dict[str, Tensor]:
         """Eq. 8 in the current state: c' per erased concept."""
@@ -56,8 +61,13 @@ class Editor(Protocol):
         lamb: float,
         erase_scale: float,
         preserve_scale: float,
+        null_space: Tensor | None = None,
     ) -> None:
-        """Compose one Eq. 3 edit (sources -> targets, preserving ``preserved``) into the state."""
+        """Compose one Eq. 3 edit (sources -> targets, preserving ``preserved``) into the state; ``null_space``
+        confines the update to those directions (hard preservation)."""
+
+    def words_near(self, prompts: list[str], count: int, exclude: set[str] | None = None) -> list[str]:
+        """Whole vocabulary words nearest to the prompts' tokens (input token embeddings)."""
 
 
 class ErasureMethod(ABC):
@@ -78,6 +88,8 @@ class ErasureMethod(ABC):
     def round(self, editor: Editor, concepts: ConceptSet) -> None:
         """One epoch's edit on ``concepts`` (the epoch's batch)."""
         raise NotImplementedError(f"{self.name} has no rounds: fit it with trainer.max_epochs=0")
+
+    softly_preserved: ClassVar[bool] = True  # whether preserve_concepts enter Eq. 2's soft term (hard methods: no)
 
     @property
     def probe_reg(self) -> float:

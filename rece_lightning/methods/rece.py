@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
+
 from rece_lightning.data import ConceptSet
 from rece_lightning.methods.base import Editor, ErasureMethod, check_regulariser
 from rece_lightning.methods.uce import edit_weights, uce_edit
@@ -76,10 +78,25 @@ class RECE(ErasureMethod):
             lamb=self.lamb if self.uce_lamb is None else self.uce_lamb,
             erase_scale=self.erase_scale,
             preserve_scale=self.preserve_scale if self.uce_preserve_scale is None else self.uce_preserve_scale,
+            null_space=self.null_space(editor, concepts),
+            softly_preserved=self.softly_preserved,
         )
 
     def round(self, editor: Editor, concepts: ConceptSet) -> None:
         """Algorithm 1, lines 8-16: derive c' for each concept (Eq. 8), erase all c' at once (Eq. 3)."""
+        sources, targets = self.round_rows(editor, concepts)
+        editor.edit(
+            sources,
+            targets,
+            editor.preserved(concepts, with_guides=self.preserve_guides, with_preserve=self.softly_preserved),
+            lamb=self.lamb,
+            erase_scale=self.erase_scale,
+            preserve_scale=self.preserve_scale,
+            null_space=self.null_space(editor, concepts),
+        )
+
+    def round_rows(self, editor: Editor, concepts: ConceptSet) -> tuple[list[Tensor], list[Tensor]]:
+        """The round's erase pairs: each concept's c' (Eq. 8) aligned with its guide by ``rece_tokens``."""
         derived = editor.derived_embeddings(concepts, self.reg)
         sources, targets = [], []
         for name, guide in zip(concepts.erase, editor.encoded(list(concepts.guides)), strict=True):
@@ -89,14 +106,11 @@ class RECE(ErasureMethod):
             )
             sources.append(source)
             targets.append(target)
-        editor.edit(
-            sources,
-            targets,
-            editor.preserved(concepts, with_guides=self.preserve_guides),
-            lamb=self.lamb,
-            erase_scale=self.erase_scale,
-            preserve_scale=self.preserve_scale,
-        )
+        return sources, targets
+
+    def null_space(self, editor: Editor, concepts: ConceptSet) -> Tensor | None:
+        """The directions every edit is confined to (None: all; hard-preserving methods narrow them)."""
+        return None
 
     def settings(self) -> dict[str, Any]:
         return {

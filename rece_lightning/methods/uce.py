@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
+
 from rece_lightning.data import ConceptSet
 from rece_lightning.methods.base import Editor, ErasureMethod, check_regulariser
 from rece_lightning.tokens import TOKEN_MODES, TokenMode, select_tokens
@@ -65,13 +67,24 @@ def uce_edit(
     lamb: float,
     erase_scale: float,
     preserve_scale: float,
+    null_space: Tensor | None = None,
+    softly_preserved: bool = True,
 ) -> None:
-    """Eq. 3 on the concepts' own embeddings, each aligned with its guide's by ``tokens``."""
+    """Eq. 3 on the concepts' own embeddings, each aligned with its guide's by ``tokens`` (``null_space``: the
+    update confined to those directions)."""
     editor.encoded(concepts.prompts)  # every prompt of the edit in one batch of the text encoder, not one per role
     sources, targets = [], []
     for concept, guide in zip(editor.encoded(list(concepts.erase)), editor.encoded(list(concepts.guides)), strict=True):
         source, target = select_tokens(concept.embedding, concept.length, guide.embedding, guide.length, tokens)
         sources.append(source)
         targets.append(target)
-    preserved = editor.preserved(concepts, with_guides=preserve_guides)
-    editor.edit(sources, targets, preserved, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
+    preserved = editor.preserved(concepts, with_guides=preserve_guides, with_preserve=softly_preserved)
+    editor.edit(
+        sources,
+        targets,
+        preserved,
+        lamb=lamb,
+        erase_scale=erase_scale,
+        preserve_scale=preserve_scale,
+        null_space=null_space,
+    )
