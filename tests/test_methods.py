@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -160,3 +162,37 @@ def test_a_new_method_is_selectable_from_the_command_line():
         run=False,
     )
     assert type(cli.model.method).__name__ == "AdversarialRECE" and cli.model.method.attack_budget == 3
+
+
+@pytest.mark.parametrize("export_format", ["kv", "diffusers"])
+def test_the_new_methods_are_observed_by_the_callbacks_and_exported_in_every_format(
+    tiny_pipeline_dir, tmp_path, export_format
+):
+    from callbacks import NudityCheckpointSelector, ParameterDrift, ProbeImages
+    from callbacks.probing import ProbeSettings
+    from rece_lightning import load_erased
+    from rece_lightning.export import read_manifest
+    from rece_lightning.methods import AdversarialRECE, HardPreservation
+
+    probe = ProbeSettings(num_images=1, num_inference_steps=2, height=32, width=32)
+    method = AdversarialRECE(attack_budget=1, candidates=20, hard_preservation=HardPreservation(energy=0.9))
+    callbacks = [ProbeImages(probe=probe), ParameterDrift(), NudityCheckpointSelector(probe=probe)]
+    trainer, module = fit_tiny(
+        tiny_pipeline_dir,
+        tmp_path,
+        max_epochs=2,
+        callbacks=callbacks,
+        method=method,
+        preserve_concepts=["a photo of a cat"],
+        export_format=export_format,
+    )
+    folder = Path(trainer.log_dir)
+    assert len(list((folder / "probes").rglob("*.png"))) == 3 * 2  # states 0, 1, 2 x {c', prompt}
+    manifest = read_manifest(folder / "erased")
+    assert manifest["method"] == "RECE-ADV" and manifest["hard_preservation"]["energy"] == 0.9
+    fresh = load_erased(diffusion.load_pipeline(str(tiny_pipeline_dir)), folder / "erased")
+    choice = module.recommended
+    exported = module.kv_state() if choice is None else module.weights_for(choice.transform)
+    for name, weight in diffusion.kv_weights(fresh).items():
+        assert torch.equal(weight, exported[name].to(weight.dtype)), name
+        assert not torch.equal(weight, module.original_kv[name])

@@ -98,6 +98,7 @@ class AdversarialRECE(RECE):
             hard_preservation = HardPreservation(**hard_preservation)
         self.hard_preservation = hard_preservation
         self._bases: dict[tuple, Tensor] = {}
+        self._content: dict[tuple, Tensor] = {}
         self.found: list[dict[str, list[str]]] = []  # per round: the words erased for each concept
 
     @property
@@ -144,8 +145,11 @@ class AdversarialRECE(RECE):
             # closer to the concept in the edited model than it is to the guide in the original one: a content word
             # that brings the concept back, not a generic one (any word is near everything in a 16-row K/V space)
             towards = kv_distances(editor.gram, editor.transform, embeddings, target)
-            eye = torch.eye(editor.gram.shape[0], dtype=editor.gram.dtype, device=editor.gram.device)
-            content = kv_distances(editor.gram, eye, embeddings, guide)
+            key = (id(editor), concept, tuple(words))
+            if key not in self._content:  # a property of the base model: computed once, not every round
+                eye = torch.eye(editor.gram.shape[0], dtype=editor.gram.dtype, device=editor.gram.device)
+                self._content[key] = kv_distances(editor.gram, eye, embeddings, guide)
+            content = self._content[key]
             order = (towards - content).argsort()[: self.attack_budget].tolist()
             found[concept] = [words[i] for i in order]
         return found
