@@ -200,6 +200,7 @@ class RECEModule(pl.LightningModule):
         self.pipeline = pipeline
         self.family = family_of(pipeline)
         self._embeddings.clear()
+        self._near: dict[tuple, list[str]] = {}
         self._derived = None
         self._base_identity = None
         # The base K/V are the parameters' own tensors until the first write gives the parameters storage of their
@@ -313,8 +314,11 @@ class RECEModule(pl.LightningModule):
         """The ``count`` whole words of the tokenizer's vocabulary nearest to any token of ``prompts`` (cosine of the
         text encoder's input token embeddings; letters only, ``exclude`` and the prompts' own words left out): the
         candidates of neighbour preservation and of vocabulary attacks, without encoding the whole vocabulary."""
+        key = (tuple(prompts), count, tuple(sorted(exclude or ())))
+        if key in self._near:  # a property of the base model's vocabulary: every round asks the same
+            return self._near[key]
         tokenizer = self.family.tokenizer(self.pipeline)
-        table = self.family.token_embeddings(self.pipeline).detach().to(torch.float64)
+        table = self.family.token_embeddings(self.pipeline).detach().float()  # a ranking: float32 is plenty
         words = _whole_words(tokenizer)
         own = {w.lower() for p in prompts for w in p.split()} | {w.lower() for w in exclude or ()}
         words = {word: index for word, index in words.items() if word not in own}
@@ -326,7 +330,8 @@ class RECEModule(pl.LightningModule):
         similarity = (unit[candidates] @ unit[ids].T).amax(dim=1)
         order = similarity.argsort(descending=True)[:count].tolist()
         names = list(words)
-        return [names[i] for i in order]
+        self._near[key] = [names[i] for i in order]
+        return self._near[key]
 
     def apply_uce(self, write: bool = True) -> None:
         """The method's initial edit (RECE: Algorithm 1, line 6, the preliminary UCE edit)."""
