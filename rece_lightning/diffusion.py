@@ -70,12 +70,6 @@ def pipeline_class_name(name_or_path: str) -> str | None:
     return class_name
 
 
-def family_for_path(name_or_path: str) -> ModelFamily | None:
-    """The family of a model folder or cached hub id, from its ``model_index.json`` (None if it cannot be read)."""
-    class_name = pipeline_class_name(name_or_path)
-    return None if class_name is None else family_for_class(class_name, name_or_path)
-
-
 def check_pretrained_path(name_or_path: str) -> str | None:
     """Refuse a local folder that is not a saved diffusers pipeline, or a pipeline class RECE cannot edit, before
     anything heavy is loaded; return the pipeline class (None where ``model_index.json`` cannot be read here)."""
@@ -90,6 +84,13 @@ def check_pretrained_path(name_or_path: str) -> str | None:
             "there); give a folder written by save_pretrained or a hub id such as 'CompVis/stable-diffusion-v1-4'"
         )
     return pipeline_class_name(name_or_path)
+
+
+def check_family(name_or_path: str) -> ModelFamily | None:
+    """:func:`check_pretrained_path`, then the family of the pipeline class it names (None where
+    ``model_index.json`` cannot be read here: a hub id not in the cache, checked once loaded)."""
+    class_name = check_pretrained_path(name_or_path)
+    return None if class_name is None else family_for_class(class_name, name_or_path)
 
 
 def _hub_offline() -> bool:

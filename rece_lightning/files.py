@@ -6,7 +6,6 @@ Every file the package writes (exports, manifests, image sets, attack outcomes, 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -47,11 +46,6 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
 def write_text(path: Path, text: str) -> None:
     """``text`` into ``path``, atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_json(path: Path, value: Any, **dumps: Any) -> None:
-    """``value`` as indented JSON into ``path``, atomically (``dumps``: extra ``json.dumps`` options)."""
-    write_text(path, json.dumps(value, **{"indent": 2, **dumps}) + "\n")
 
 
 def check_writable_folder(option: str, folder: str | os.PathLike) -> None:

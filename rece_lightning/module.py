@@ -42,7 +42,7 @@ from rece_lightning.export import (
     save_erased,
     save_erased_pipeline,
 )
-from rece_lightning.families import EncodedPrompt, ModelFamily, family_for_class, family_of
+from rece_lightning.families import EncodedPrompt, ModelFamily, family_of
 from rece_lightning.files import check_writable_folder
 from rece_lightning.methods import RECE, ErasureMethod, from_spec
 from rece_lightning.precision import check_trainer_precision
@@ -107,10 +107,9 @@ class RECEModule(pl.LightningModule):
         self.hparams["method"] = self.method.spec()  # rebuilds the method in load_from_checkpoint
         self.concepts = ConceptSet.from_config(erase_concepts, guide_concepts, preserve_concepts)
         self.weight_dtype = diffusion.resolve_dtype(dtype)
-        self.family: ModelFamily | None = None
-        if not isinstance(pretrained_model_name_or_path, ModelSource):
-            class_name = diffusion.check_pretrained_path(path)
-            self.family = None if class_name is None else family_for_class(class_name, path)
+        # a ModelSource is checked in setup, once it has made its model
+        source = isinstance(pretrained_model_name_or_path, ModelSource)
+        self.family: ModelFamily | None = None if source else diffusion.check_family(path)
         _check_export_format(export_format)
         if export_dir is not None and "{log_dir}" not in export_dir:
             if export_format == "diffusers":
@@ -150,9 +149,7 @@ class RECEModule(pl.LightningModule):
             if stage == "fit":
                 self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps, self.method)
         path = os.fspath(self._model_source)  # made now if it is a ModelSource
-        class_name = diffusion.check_pretrained_path(path)
-        if class_name is not None:  # else a hub id whose model_index.json is not cached: checked once loaded
-            self.family = family_for_class(class_name, path)
+        self.family = diffusion.check_family(path)
         self._check_prompts(diffusion.load_tokenizer(path))
         self.attach_pipeline(diffusion.load_pipeline(path, dtype=self.weight_dtype))
 
@@ -317,20 +314,8 @@ class RECEModule(pl.LightningModule):
         key = (tuple(prompts), count, tuple(sorted(exclude or ())))
         if key in self._near:  # a property of the base model's vocabulary: every round asks the same
             return self._near[key]
-        tokenizer = self.family.tokenizer(self.pipeline)
-        table = self.family.token_embeddings(self.pipeline).detach().float()  # a ranking: float32 is plenty
-        words = _whole_words(tokenizer)
-        own = {w.lower() for p in prompts for w in p.split()} | {w.lower() for w in exclude or ()}
-        words = {word: index for word, index in words.items() if word not in own}
-        if not words or count < 1:
-            return []
-        ids = [i for p in prompts for i in tokenizer(p, add_special_tokens=False).input_ids]
-        unit = torch.nn.functional.normalize(table, dim=1)
-        candidates = torch.tensor(list(words.values()))
-        similarity = (unit[candidates] @ unit[ids].T).amax(dim=1)
-        order = similarity.argsort(descending=True)[:count].tolist()
-        names = list(words)
-        self._near[key] = [names[i] for i in order]
+        table = self.family.token_embeddings(self.pipeline).detach()
+        self._near[key] = tokens.nearest_words(self.family.tokenizer(self.pipeline), table, prompts, count, exclude)
         return self._near[key]
 
     def apply_uce(self, write: bool = True) -> None:
@@ -629,14 +614,3 @@ class RecommendedState:
     transform: Tensor
     reason: str
     source: str
-
-
-def _whole_words(tokenizer) -> dict[str, int]:
-    """Vocabulary entries that are a whole word of letters (CLIP's ``word</w>``, SentencePiece's ``▁word``, a
-    word-level vocabulary's entries), lower-cased, with their token id."""
-    words: dict[str, int] = {}
-    for token, index in tokenizer.get_vocab().items():
-        word = token.removesuffix("</w>").removeprefix("▁").removeprefix("Ġ")
-        if word.isalpha() and word.isascii() and (token != word or len(token) > 1):
-            words.setdefault(word.lower(), index)
-    return words

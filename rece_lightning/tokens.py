@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from rece_lightning.validation import check_choice
@@ -49,3 +50,30 @@ def select_tokens(
         source[source_start : total - (farthest - source_start)],
         target[target_start : total - (farthest - target_start)],
     )
+
+
+def whole_words(tokenizer) -> dict[str, int]:
+    """Vocabulary entries that are a whole word of letters (CLIP's ``word</w>``, SentencePiece's ``▁word``, a
+    word-level vocabulary's entries), lower-cased, with their token id."""
+    words: dict[str, int] = {}
+    for token, index in tokenizer.get_vocab().items():
+        word = token.removesuffix("</w>").removeprefix("▁").removeprefix("Ġ")
+        if word.isalpha() and word.isascii() and (token != word or len(token) > 1):
+            words.setdefault(word.lower(), index)
+    return words
+
+
+def nearest_words(
+    tokenizer, table: Tensor, prompts: list[str], count: int, exclude: set[str] | None = None
+) -> list[str]:
+    """The ``count`` whole words (:func:`whole_words`) whose input token embedding (rows of ``table``) is nearest, by
+    cosine, to any token of ``prompts``; the prompts' own words and ``exclude`` left out."""
+    own = {w.lower() for p in prompts for w in p.split()} | {w.lower() for w in exclude or ()}
+    words = {word: index for word, index in whole_words(tokenizer).items() if word not in own}
+    if not words or count < 1:
+        return []
+    ids = [i for p in prompts for i in tokenizer(p, add_special_tokens=False).input_ids]
+    unit = torch.nn.functional.normalize(table.float(), dim=1)  # a ranking: float32 is plenty
+    similarity = (unit[torch.tensor(list(words.values()))] @ unit[ids].T).amax(dim=1)
+    names = list(words)
+    return [names[i] for i in similarity.argsort(descending=True)[:count].tolist()]

@@ -46,25 +46,15 @@ def tiny_pipeline_copy(tiny_pipeline_dir, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_pipeline_dir, tmp_path / "tiny-sd"))
 
 
-RECE_OPTIONS = (
-    "lamb",
-    "erase_scale",
-    "preserve_scale",
-    "reg",
-    "uce_tokens",
-    "rece_tokens",
-    "preserve_guides",
-    "uce_lamb",
-    "uce_preserve_scale",
-)
-
-
 def with_method(kwargs: dict) -> dict:
     """RECEModule keyword arguments with RECE's own options (``reg=...``) gathered into ``method=RECE(...)``."""
+    import inspect
+
     from rece_lightning.methods import RECE
 
-    options = {k: kwargs[k] for k in RECE_OPTIONS if k in kwargs}
-    rest = {k: v for k, v in kwargs.items() if k not in RECE_OPTIONS}
+    own = set(inspect.signature(RECE.__init__).parameters) - {"self"}  # RECE's options, as it declares them
+    options = {k: kwargs[k] for k in own if k in kwargs}
+    rest = {k: v for k, v in kwargs.items() if k not in own}
     return {**rest, "method": RECE(**options)} if options else rest
 
 

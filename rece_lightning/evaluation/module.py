@@ -48,7 +48,7 @@ from rece_lightning.evaluation.nudity import (
 )
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes, check_scorer
 from rece_lightning.export import apply_erased, read_erased
-from rece_lightning.families import family_for_class, family_of
+from rece_lightning.families import family_of
 from rece_lightning.files import check_writable_folder
 from rece_lightning.kv_files import check_kv_fit_before_loading
 from rece_lightning.precision import check_trainer_precision
@@ -151,8 +151,7 @@ class ErasureEvaluator(pl.LightningModule):
                     "(NudeNet) or 'concept_asr' (the scorer)"
                 )
         self.attack = attack
-        pipeline_class = diffusion.check_pretrained_path(pretrained_model_name_or_path)
-        family = None if pipeline_class is None else family_for_class(pipeline_class, pretrained_model_name_or_path)
+        family = diffusion.check_family(pretrained_model_name_or_path)
         if attack is not None and family is not None:
             if not family.embedding_attacks:
                 raise ValueError(

@@ -108,10 +108,7 @@ class AdversarialRECE(RECE):
     def null_space(self, editor: Editor, concepts: ConceptSet) -> Tensor | None:
         if self.hard_preservation is None:
             return None
-        key = (id(editor), concepts.erase, concepts.guides, concepts.preserve)
-        if key not in self._bases:
-            self._bases = {key: self.hard_preservation.basis(editor, concepts)}
-        return self._bases[key]
+        return self.hard_preservation.cached_basis(self._bases, editor, concepts)
 
     def round_rows(self, editor: Editor, concepts: ConceptSet) -> tuple[list[Tensor], list[Tensor]]:
         sources, targets = super().round_rows(editor, concepts)

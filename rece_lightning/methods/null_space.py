@@ -59,6 +59,15 @@ class HardPreservation:
             )
         return prompts
 
+    def cached_basis(self, cache: dict, editor: Editor, concepts: ConceptSet) -> Tensor:
+        """:meth:`basis`, kept in ``cache`` (the method's) for one base model and concept set: it depends only on their
+        encodings, so every round reuses it."""
+        key = (id(editor.gram), concepts.erase, concepts.guides, concepts.preserve)  # gram: one per attached base
+        if key not in cache:
+            cache.clear()
+            cache[key] = self.basis(editor, concepts)
+        return cache[key]
+
     def basis(self, editor: Editor, concepts: ConceptSet) -> Tensor:
         """The null space U (d x m) of the hard-preserved prompts' embeddings (``rows``: their positions)."""
         encoded = editor.encoded(self.prompts(editor, concepts))
@@ -86,10 +95,7 @@ class NullSpaceRECE(RECE):
         self._bases: dict[tuple, Tensor] = {}
 
     def null_space(self, editor: Editor, concepts: ConceptSet) -> Tensor:
-        key = (id(editor), concepts.erase, concepts.guides, concepts.preserve)
-        if key not in self._bases:  # encodings of the base model: the same basis serves every round
-            self._bases = {key: self.hard_preservation.basis(editor, concepts)}
-        return self._bases[key]
+        return self.hard_preservation.cached_basis(self._bases, editor, concepts)
 
     def init_args(self) -> dict[str, Any]:
         return {**super().init_args(), "hard_preservation": vars(self.hard_preservation)}

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 
 from rece_lightning.data import PromptItem
-from rece_lightning.evaluation.scoring import ImageScorer
+from rece_lightning.evaluation.nudity import NUDENET_LABELS, NudityScorer, check_threshold
+from rece_lightning.evaluation.scoring import ImageScorer, check_classes
 
 COMPARISON = "erased_vs_original"  # the results entry of metrics that compare the erased model with the original
 
@@ -194,9 +195,6 @@ def nudenet_pass(
 ) -> tuple[CachedDetections, float, tuple[str, ...]]:
     """A NudeNet metric's detector, threshold and classes: ``detections`` shared with other metrics (the evaluator's
     one pass) or, if None, NudeNet at ``threshold`` over ``classes`` (``default`` if None) of its own."""
-    from rece_lightning.evaluation.nudity import NUDENET_LABELS, NudityScorer, check_threshold
-    from rece_lightning.evaluation.scoring import check_classes
-
     threshold = check_threshold(threshold)
     classes = check_classes(classes or default, NUDENET_LABELS, "NudeNet")
     return detections or CachedDetections(NudityScorer(threshold, classes)), threshold, classes
