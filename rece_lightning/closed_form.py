@@ -44,6 +44,7 @@ __all__ = [
     "derive_embedding_from_transform",
     "erase_closed_form",
     "gram_matrix",
+    "low_rank_update",
     "replace_edit",
     "replace_transform",
 ]
@@ -370,6 +371,40 @@ def apply_transform(
     if not direct:
         out.copy_(product)
     return out
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """``transform - I ~ up @ down`` (``up``: d x r, ``down``: r x d, float64), the shared factor of a LoRA.
+
+    ``full_rank``: the numerical rank of ``transform - I``; ``rank``: the rank kept (``full_rank`` unless truncated);
+    ``kept_energy``: the share of ``||transform - I||_F^2`` the kept singular values hold (1 at full rank).
+    """
+
+    up: Tensor
+    down: Tensor
+    rank: int
+    full_rank: int
+    kept_energy: float
+
+
+def low_rank_update(transform: Tensor, rank: int | None = None, rtol: float = 1e-10) -> LowRankUpdate:
+    """The best rank-``rank`` factorisation (Eckart-Young: the truncated SVD) of the edit ``transform - I``.
+
+    Every edited K/V matrix is ``W_orig @ transform = W_orig + (W_orig @ up) @ down``: a LoRA with ``lora_B = W_orig @
+    up`` and one ``lora_A = down`` shared by every layer. ``rank=None`` keeps the numerical rank (singular values above
+    ``rtol`` times the largest), which reproduces the edit exactly; a larger ``rank`` keeps no more than that. Float64.
+    """
+    dim = transform.shape[0]
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= dim):
+        raise ValueError(f"rank={rank!r} is not allowed: a LoRA rank is a whole number in [1, d = {dim}], or None")
+    delta = transform.to(_SOLVE_DTYPE) - _eye(dim, transform.device)
+    left, values, right_t = torch.linalg.svd(delta)
+    full_rank = int((values > rtol * float(values[0])).sum()) if float(values[0]) > 0 else 0
+    kept = full_rank if rank is None else min(rank, full_rank)
+    total = float((values[:full_rank] ** 2).sum())
+    energy = float((values[:kept] ** 2).sum()) / total if total > 0 else 1.0
+    return LowRankUpdate(left[:, :kept] * values[:kept], right_t[:kept].clone(), kept, full_rank, energy)
 
 
 def gram_matrix(weights: Sequence[Tensor], block: int = 256) -> Tensor:

@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from rece_lightning import closed_form, diffusion, distributed, tokens
+from rece_lightning import closed_form, diffusion, distributed, kv_files, tokens
 from rece_lightning.base_cache import BaseModelCache
 from rece_lightning.data import ConceptDataModule, ConceptSet
 from rece_lightning.diffusion import ModelSource
@@ -44,6 +44,7 @@ from rece_lightning.export import (
 )
 from rece_lightning.families import EncodedPrompt, ModelFamily, family_of
 from rece_lightning.files import check_writable_folder
+from rece_lightning.lora import check_lora_rank, lora_layers, save_lora
 from rece_lightning.methods import RECE, ErasureMethod, from_spec
 from rece_lightning.precision import check_trainer_precision
 from rece_lightning.validation import check_choice
@@ -51,7 +52,7 @@ from rece_lightning.validation import check_choice
 __all__ = ["RECEModule"]
 
 MAX_SENSIBLE_ROUNDS = 50  # the paper uses 1-10; more is allowed, with a warning
-EXPORT_FORMATS = ("kv", "diffusers")
+EXPORT_FORMATS = ("kv", "diffusers", "lora")
 LOW_RANK_KEY = "rece_low_rank_factors"
 NEGLIGIBLE_EDIT = 1e-9  # relative change of the transform under which an edit is reported as doing nothing
 
@@ -81,7 +82,12 @@ class RECEModule(pl.LightningModule):
             folder. ``null`` writes nothing.
         export_format: ``kv``: the erased K/V weights (``rece_kv.safetensors``) and their manifest, a few MB, applied
             with ``load_erased``; ``diffusers``: a complete pipeline folder (``save_pretrained``) that plain diffusers
-            loads with ``from_pretrained`` and no project code, plus the same manifest.
+            loads with ``from_pretrained`` and no project code, plus the same manifest; ``lora``: the edit as a LoRA
+            on every K/V matrix (:mod:`rece_lightning.lora`), in diffusers' layout (``load_lora_weights``) and in
+            kohya's (AUTOMATIC1111, Forge, ComfyUI).
+        lora_rank: the LoRA export's rank: ``null`` (default) keeps the edit's own rank and reproduces it exactly; a
+            smaller whole number keeps its top singular directions (smaller file, approximate; the manifest records
+            the relative weight error).
         cache_dir: folder where the base model's Gram matrix and prompt encodings are kept across runs (keyed by a
             hash of its K/V weights), e.g. ``~/.cache/rece-lightning``; ``null``: in memory only, for this process.
     """
@@ -96,6 +102,7 @@ class RECEModule(pl.LightningModule):
         dtype: str = "float32",
         export_dir: str | None = "{log_dir}/erased",
         export_format: str = "kv",
+        lora_rank: int | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -111,6 +118,13 @@ class RECEModule(pl.LightningModule):
         source = isinstance(pretrained_model_name_or_path, ModelSource)
         self.family: ModelFamily | None = None if source else diffusion.check_family(path)
         _check_export_format(export_format)
+        shapes = None if source else kv_files.base_kv_shapes(path)  # read from the file headers, no model loaded
+        check_lora_rank(lora_rank, next(iter(shapes.values()))[1] if shapes else None)
+        if export_format == "lora" and self.family is not None and self.family.lora_pipeline is None:
+            raise ValueError(
+                f"export_format='lora' is not available for {self.family.label} ({path!r}): diffusers has no LoRA "
+                f"loader for it; use one of {[f for f in EXPORT_FORMATS if f != 'lora']}"
+            )
         if export_dir is not None and "{log_dir}" not in export_dir:
             if export_format == "diffusers":
                 check_pipeline_export_folder("export_dir", export_dir)
@@ -541,6 +555,12 @@ class RECEModule(pl.LightningModule):
         U-Net is left holding the current state.
         """
         export_format = _check_export_format(export_format or self.hparams.export_format)
+        if export_format == "lora":
+            state = self.transform if transform is None else transform.to(self.transform.device)
+            check_lora_rank(self.hparams.get("lora_rank"), state.shape[0])
+            lora = lora_layers(self.original_kv, state, self.hparams.get("lora_rank"))
+            manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(self.weights_for(state)), **extra}
+            return save_lora(folder, self.family, lora, manifest)
         weights = self.kv_state() if transform is None else self.weights_for(transform.to(self.transform.device))
         manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(weights), **extra}
         if export_format == "kv":

@@ -63,6 +63,8 @@ class ModelFamily(ABC):
             which attack outcomes do not carry).
         attends_padding: whether the K/V read every position (CLIP-conditioned U-Nets) or only the real tokens (an
             attention mask, as PixArt's T5 prompts have).
+        lora_pipeline: the diffusers pipeline class whose ``save_lora_weights`` / ``load_lora_weights`` carry a LoRA
+            on the denoiser's K/V, or None where diffusers has no LoRA loader for the family.
     """
 
     name: ClassVar[str]
@@ -72,6 +74,7 @@ class ModelFamily(ABC):
     token_attacks: ClassVar[bool] = False
     embedding_attacks: ClassVar[bool] = True
     attends_padding: ClassVar[bool] = True
+    lora_pipeline: ClassVar[str | None] = None
 
     # --- loading ---------------------------------------------------------------------------------------------------
 
@@ -92,6 +95,16 @@ class ModelFamily(ABC):
     def kv_projections(self, denoiser: nn.Module) -> dict[str, nn.Linear]:
         """Every text-reading key/value projection of ``denoiser`` (:func:`cross_attention_projections`)."""
         return cross_attention_projections(denoiser)
+
+    def kohya_module_name(self, kv_name: str) -> str:
+        """The kohya-ss / A1111 / ComfyUI name of the LoRA on K/V matrix ``kv_name``: ``lora_unet_`` and the module's
+        diffusers path with ``_`` for ``.`` (the layout kohya's sd-scripts write for SD 1.x/2.x; A1111, ComfyUI and
+        diffusers' own converter map it onto the U-Net)."""
+        return "lora_unet_" + kv_name.removesuffix(".weight").replace(".", "_")
+
+    def kohya_base_version(self, text_width: int) -> str:
+        """kohya's ``ss_base_model_version`` for a model whose K/V read ``text_width``-wide embeddings."""
+        return "sd_v2" if text_width == 1024 else "sd_v1"
 
     # --- prompts ---------------------------------------------------------------------------------------------------
 

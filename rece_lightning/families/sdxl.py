@@ -19,6 +19,10 @@ class StableDiffusionXL(ModelFamily):
     label = "SDXL"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     embedding_attacks = False  # its pooled embedding conditions the U-Net too; attack outcomes carry none
+    lora_pipeline = "StableDiffusionXLPipeline"
+
+    def kohya_base_version(self, text_width: int) -> str:
+        return "sdxl_base_v1-0"
 
     def load_options(self, class_name: str) -> dict[str, Any]:
         return {"add_watermarker": False}  # the invisible watermark would alter the probe and evaluation images

@@ -16,6 +16,7 @@ class StableDiffusion(ModelFamily):
     label = "SD 1.x / 2.x"
     pipeline_classes = ("StableDiffusionPipeline",)
     token_attacks = True
+    lora_pipeline = "StableDiffusionPipeline"
 
     def load_options(self, class_name: str) -> dict[str, Any]:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
