@@ -24,6 +24,8 @@ from rece_lightning.data import read_prompt_csv
 from rece_lightning.distributed import sharded_map
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, Detector, NudityScorer
 from rece_lightning.evaluation.scoring import ImageScorer, check_concept_classes, check_scorer
+from rece_lightning.evaluation.statistics import wilson_interval
+from rece_lightning.validation import check_number
 
 SELECT_ON = ("probes", "validation", "both")
 
@@ -62,6 +64,9 @@ class ConceptCheckpointSelector(EveryState):
         validation_limit: use at most this many validation prompts.
         validation_batch_size: prompts per pipeline call.
         stop_when_clean: stop training once a clean state is found.
+        max_rate_upper: with it, a state counts as clean when the 95 % Wilson upper bound of its rate (over the
+            images selection checks) is below this share, e.g. 0.1: "the true rate is under 10 % at 95 %" (0 of 24
+            images bounds it by 13.8 %, so 0.1 needs at least 35 clean images); without it, clean means none flagged.
         export_subdir: where the selected state is written, under the run's log folder.
         probe: probe sampling (:class:`~callbacks.probing.ProbeSettings`), as in ProbeImages; validation prompt ``i``
             uses seed ``probe.seed + i`` and the same sampler.
@@ -82,6 +87,7 @@ class ConceptCheckpointSelector(EveryState):
         stop_when_clean: bool = False,
         export_subdir: str = "selected",
         probe: ProbeSettings | None = None,
+        max_rate_upper: float | None = None,
     ) -> None:
         self.scorer = check_scorer(scorer, type(self).__name__)
         self.rate_metric = rate_metric or self.default_rate_metric
@@ -107,6 +113,9 @@ class ConceptCheckpointSelector(EveryState):
             raise ValueError(f"validation_batch_size={validation_batch_size!r} is not allowed: it must be >= 1")
         self.validation_batch_size = validation_batch_size
         self.stop_when_clean = stop_when_clean
+        if max_rate_upper is not None:
+            check_number("max_rate_upper", max_rate_upper, strictly_above=0, maximum=1)
+        self.max_rate_upper = max_rate_upper
         self.export_subdir = export_subdir
         self.scores: list[dict] = []
         self.transforms: dict[int, torch.Tensor] = {}
@@ -145,16 +154,27 @@ class ConceptCheckpointSelector(EveryState):
         if not self.scores:
             return
         if self.selected is not None:
+            chosen = next(s for s in self.scores if s["state"] == self.selected)
+            rule = (
+                f"whose 95 % upper bound is below max_rate_upper={self.max_rate_upper}"
+                if self.max_rate_upper is not None
+                else f"whose {self._what_is_checked()} show none of {list(self.scorer.classes)}"
+            )
             reason = (
-                f"first state whose {self._what_is_checked()} show none of {list(self.scorer.classes)} at threshold "
-                f"{self.scorer.threshold}: state {self.selected} (after {self.selected} RECE epochs)"
+                f"first state {rule} at threshold {self.scorer.threshold}: state {self.selected} (after "
+                f"{self.selected} RECE epochs); {self._bound(chosen)}"
             )
         else:
             best = min(self.scores, key=lambda s: (self._flagged(s), s["state"]))
             self.selected = best["state"]
+            never = (
+                f"no state's 95 % upper bound fell below max_rate_upper={self.max_rate_upper}"
+                if self.max_rate_upper is not None
+                else f"no state's {self.select_on} were free of {list(self.scorer.classes)}"
+            )
             reason = (
-                f"never clean: no state's {self.select_on} were free of {list(self.scorer.classes)}; chose state "
-                f"{self.selected}, the one with the fewest detections ({self._flagged(best)}), earliest on ties"
+                f"never clean: {never}; chose state {self.selected}, the one with the fewest detections "
+                f"({self._flagged(best)}), earliest on ties; {self._bound(best)}"
             )
             rank_zero_warn(f"{type(self).__name__}: {reason}")
         pl_module.recommend(self.selected, self.transforms[self.selected], reason, type(self).__name__)
@@ -184,6 +204,8 @@ class ConceptCheckpointSelector(EveryState):
                 record["validation"] = validation_tally
                 record["validation_flagged"] = validation_tally["flagged_images"]
             record["rate"] = self._selection_rate(record)
+            flagged, images = self._checked(record)
+            record["rate_ci95"] = list(wilson_interval(flagged, images)) if images else None
         record = trainer.strategy.broadcast(record, src=0)
         # a resumed run observes its starting state again: the record replaces the one restored from the checkpoint
         self.scores = [s for s in self.scores if s["state"] != state] + [record]
@@ -216,17 +238,37 @@ class ConceptCheckpointSelector(EveryState):
         }[self.select_on]
 
     def _clean(self, record: dict) -> bool:
+        if self.max_rate_upper is not None:
+            return record.get("rate_ci95") is not None and record["rate_ci95"][1] < self.max_rate_upper
         probes_clean = record["probe_flagged"] == 0
         validation_clean = record.get("validation_flagged", 0) == 0
         return {"probes": probes_clean, "validation": validation_clean, "both": probes_clean and validation_clean}[
             self.select_on
         ]
 
-    def _selection_rate(self, record: dict) -> float:
-        """The share of the images that selection checks which show the concept (0 exactly for a clean state)."""
+    def _checked(self, record: dict) -> tuple[int, int]:
+        """(flagged, images) over the images that selection checks."""
         checked = {"probes": ["probe"], "validation": ["validation"], "both": ["probe", "validation"]}[self.select_on]
         images = sum(record[key]["images"] for key in checked)
-        return sum(record[key]["flagged_images"] for key in checked) / images if images else 0.0
+        return sum(record[key]["flagged_images"] for key in checked), images
+
+    def _selection_rate(self, record: dict) -> float:
+        """The share of the images that selection checks which show the concept (0 exactly for a clean state)."""
+        flagged, images = self._checked(record)
+        return flagged / images if images else 0.0
+
+    def _bound(self, record: dict) -> str:
+        """What a state's count says about its true rate: "0 of 24 ... show ['red']: the true rate is <= 13.8 %"."""
+        flagged, images = self._checked(record)
+        if not images:
+            return "no images were checked"
+        low, high = wilson_interval(flagged, images)
+        what = {"probes": "probe images", "validation": "validation images", "both": "checked images"}[self.select_on]
+        return (
+            f"{flagged} of {images} {what} show {list(self.scorer.classes)}: the true rate is "
+            + (f"<= {100 * high:.1f} %" if flagged == 0 else f"in [{100 * low:.1f}, {100 * high:.1f}] %")
+            + " at 95 % (Wilson)"
+        )
 
     def _flagged(self, record: dict) -> int:
         return {

@@ -46,6 +46,7 @@ from rece_lightning.families import EncodedPrompt, ModelFamily, family_of
 from rece_lightning.files import check_writable_folder
 from rece_lightning.lora import check_lora_rank, lora_layers, save_lora
 from rece_lightning.methods import RECE, ErasureMethod, from_spec
+from rece_lightning.model_card import check_repo_id, push_to_hub, write_model_card
 from rece_lightning.precision import check_trainer_precision
 from rece_lightning.validation import check_choice
 
@@ -90,6 +91,10 @@ class RECEModule(pl.LightningModule):
             the relative weight error).
         cache_dir: folder where the base model's Gram matrix and prompt encodings are kept across runs (keyed by a
             hash of its K/V weights), e.g. ``~/.cache/rece-lightning``; ``null``: in memory only, for this process.
+        push_to_hub: a Hub repository id (``user/name``): the end-of-fit export, model card included, is uploaded
+            there with ``huggingface_hub`` (private; log in first with ``huggingface-cli login``).
+
+    Every export gets a model card (``README.md``, :mod:`rece_lightning.model_card`).
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class RECEModule(pl.LightningModule):
         export_format: str = "kv",
         lora_rank: int | None = None,
         cache_dir: str | None = None,
+        push_to_hub: str | None = None,
     ) -> None:
         super().__init__()
         self.method = RECE() if method is None else from_spec(method)
@@ -132,6 +138,9 @@ class RECEModule(pl.LightningModule):
                 check_writable_folder("export_dir", export_dir)
         if cache_dir is not None:
             check_writable_folder("cache_dir", cache_dir)
+        check_repo_id(push_to_hub)
+        if push_to_hub is not None and export_dir is None:
+            raise ValueError(f"push_to_hub={push_to_hub!r} needs an export: export_dir is null")
         self.automatic_optimization = False
         self.pipeline = None  # a diffusers pipeline, not an nn.Module: it stays out of state_dict and checkpoints
         self.original_kv: dict[str, Tensor] = {}
@@ -552,8 +561,13 @@ class RECEModule(pl.LightningModule):
         module's): the K/V safetensors (returns its path) or a whole diffusers pipeline (returns the folder).
 
         ``transform``: the state to write (default: the current one), e.g. an earlier state a selector chose; the
-        U-Net is left holding the current state.
+        U-Net is left holding the current state. Every export gets its model card (``README.md``).
         """
+        path = self._export(folder, export_format, transform, **extra)
+        write_model_card(path if path.is_dir() else path.parent)
+        return path
+
+    def _export(self, folder: str | Path, export_format: str | None, transform: Tensor | None, **extra: Any) -> Path:
         export_format = _check_export_format(export_format or self.hparams.export_format)
         if export_format == "lora":
             state = self.transform if transform is None else transform.to(self.transform.device)
@@ -617,13 +631,16 @@ class RECEModule(pl.LightningModule):
             if choice is not None:
                 what += f", the one {choice.source} recommends"
             rank_zero_info(f"RECE: {what} written to {path}")
-            return
-        path = self.export(folder, transform=choice.transform, rece_epochs=choice.state, selection=choice.reason)
-        last_path = self.export(last)
-        rank_zero_info(
-            f"RECE: state {choice.state} ({choice.source}: {choice.reason}) written to {path}; the last state "
-            f"({self.rece_epochs_done} RECE epochs) to {last_path}"
-        )
+        else:
+            path = self.export(folder, transform=choice.transform, rece_epochs=choice.state, selection=choice.reason)
+            last_path = self.export(last)
+            rank_zero_info(
+                f"RECE: state {choice.state} ({choice.source}: {choice.reason}) written to {path}; the last state "
+                f"({self.rece_epochs_done} RECE epochs) to {last_path}"
+            )
+        if self.hparams.get("push_to_hub"):
+            url = push_to_hub(folder, self.hparams.push_to_hub)
+            rank_zero_info(f"RECE: {folder} uploaded to the Hub: {url}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from callbacks import CollapseGuard, NudityCheckpointSelector, ParameterDrift, P
 from callbacks.probing import ProbeSettings, generate_probes
 from rece_lightning import diffusion, load_erased
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, NudityScorer, to_bgr_uint8
+from rece_lightning.evaluation.statistics import wilson_interval
 from tests.conftest import fit_tiny
 
 TINY = {"num_images": 2, "num_inference_steps": 2, "height": 32, "width": 32}
@@ -146,6 +147,11 @@ def test_selection_exports_the_first_clean_state_and_it_equals_that_epochs_check
     assert [s["probe_flagged"] for s in selector.scores] == [2, 0, 0]
     selection = json.loads((root / "rece" / "version_0" / "selected" / "selection.json").read_text())
     assert selection["state"] == 1 and "first state" in selection["reason"]
+    images = selection["scores"][1]["probe"]["images"]
+    high = wilson_interval(0, images)[1]
+    assert f"0 of {images} probe images show" in selection["reason"]
+    assert f"the true rate is <= {100 * high:.1f} % at 95 %" in selection["reason"]
+    assert selection["scores"][1]["rate_ci95"] == pytest.approx([0.0, high])
     assert [s["state"] for s in selection["scores"]] == [0, 1, 2]
     # State 1 is the model after epoch 0: ModelCheckpoint's epoch=0.ckpt.
     from_export = load_erased(diffusion.load_pipeline(str(tiny_pipeline_dir)), root / "rece/version_0/selected")

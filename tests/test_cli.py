@@ -47,7 +47,7 @@ def test_config_parses_against_the_code_and_is_headed_by_its_command(
     if subcommand == "test":
         # Evaluation configs name a model folder, an export and a prompt CSV that exist only after other runs: point
         # them at the tiny pipeline, an export of it and the same CSV in ../shared/datasets.
-        csv = yaml.safe_load(config.read_text())["data"]["init_args"]["prompts_csv"]
+        csv = _composed(config)["data"]["init_args"]["prompts_csv"]
         shipped = Path(__file__).resolve().parents[1] / csv  # the toy world's prompts ship with the project
         name = HUB_SETS_HERE.get(csv, Path(csv).name)
         shared_csv = shipped if shipped.is_file() else datasets_or_skip() / name
@@ -231,10 +231,26 @@ def _config_args(config: Path) -> list[str]:
     return [arg for name in named for arg in ("--config", str(config.parents[1] / name))]
 
 
+def _merged(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = (
+            _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
+
+
+def _composed(config: Path) -> dict:
+    """The YAML of the configs its header composes, merged in order (a recipe over its base)."""
+    names = _config_args(config)[1::2]
+    composed: dict = {}
+    for name in names:
+        composed = _merged(composed, yaml.safe_load(Path(name).read_text()))
+    return composed
+
+
 def _on_toy_model(config: Path) -> bool:
-    return yaml.safe_load(config.read_text())["model"]["init_args"].get("pretrained_model_name_or_path") == (
-        "models/toyworld-sd"
-    )
+    return _composed(config)["model"]["init_args"].get("pretrained_model_name_or_path") == "models/toyworld-sd"
 
 
 def test_every_config_instantiates_in_a_bare_clone_offline(

@@ -27,6 +27,7 @@ from rece_lightning.evaluation.features import RandomConvFeatures
 from rece_lightning.evaluation.metrics import AttackSuccessRate, CachedDetections, EvaluationMetric, register_metric
 from rece_lightning.evaluation.nudity import TABLE1_CLASSES
 from rece_lightning.evaluation.scoring import ImageScorer
+from rece_lightning.evaluation.statistics import wilson_interval
 from tests.conftest import datasets_or_skip, fit_tiny, prompt_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +161,14 @@ def test_original_and_erased_are_generated_once_per_prompt_and_scored(
         files = sorted(_short(p.name) for p in _images_of(output, variant))
         assert files == sorted(f"{c}_0.png" for c in cases)
     report = json.loads((output / "results.json").read_text())["results"]
-    assert set(report["original"]["nudity"]) == {*TABLE1_CLASSES, "total", "nude_images", "nudity_rate", "threshold"}
+    assert set(report["original"]["nudity"]) == {
+        *TABLE1_CLASSES,
+        "total",
+        "nude_images",
+        "nudity_rate",
+        "nudity_rate_ci95",
+        "threshold",
+    }
     prompts = dict(zip(data.frame["case_number"], data.frame["prompt"], strict=True))
     clip = CLIPModel.from_pretrained(str(tiny_clip)).eval()
     processor = CLIPProcessor.from_pretrained(str(tiny_clip))
@@ -206,6 +214,20 @@ def test_original_and_erased_are_generated_once_per_prompt_and_scored(
     assert model.trainer.progress_bar_metrics["images"] == 16  # images done (8 prompts x 2 models) on the bar
     table = (output / "results.md").read_text()
     assert "| original |" in table and "| erased |" in table and "Belly" in table and "ASR %" in table
+    # every rate with its 95 % Wilson interval, in the JSON and the table; the protocol named
+    erased = report["erased"]
+    successes, prompts = erased["asr"]["successful_prompts"], erased["asr"]["prompts"]
+    assert erased["asr"]["ci95"] == pytest.approx(list(wilson_interval(successes, prompts)))
+    nude = erased["nudity"]
+    assert nude["nudity_rate_ci95"] == pytest.approx(list(wilson_interval(nude["nude_images"], 8)))
+    low, high = nude["nudity_rate_ci95"]
+    assert f"{100 * nude['nudity_rate']:.2f} [{100 * low:.1f}, {100 * high:.1f}]" in table
+    run = json.loads((output / "results.json").read_text())["run"]
+    assert run["protocol"]["name"] == "custom"  # this test's thresholds are no preset's
+    assert "Protocol: custom" in table and "LMSDiscreteScheduler" in table
+    # the export's model card now shows these results
+    card = (Path(erased_export) / "README.md").read_text()
+    assert "## Measured results" in card and "| erased |" in card and "Protocol: custom" in card
 
 
 def test_nudenet_tally_matches_a_direct_count_over_the_saved_images(

@@ -142,7 +142,9 @@ def test_scorer_interface_matches_the_nudenet_scorer():
     assert set(found[0]) == {"red"} and found[0]["red"] > 0.9
     assert found[1] == {"striped": 1.0}
     tally = scorer.tally(found)
+    ci95 = tally.pop("rate_ci95")
     assert tally == {"red": 1, "striped": 1, "total": 2, "flagged_images": 2, "images": 2, "rate": 1.0}
+    assert ci95 == pytest.approx([0.342, 1.0], abs=1e-3)  # 2 of 2: Wilson's 95 % interval
 
 
 def test_unknown_colours_and_bad_thresholds_are_refused_with_the_value():

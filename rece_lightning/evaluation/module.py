@@ -36,7 +36,7 @@ from rece_lightning import diffusion
 from rece_lightning.attacks.base import AttackContext, PromptAttack
 from rece_lightning.base_cache import kv_fingerprint
 from rece_lightning.data import PromptItem
-from rece_lightning.evaluation import generation, report
+from rece_lightning.evaluation import generation, protocol, report
 from rece_lightning.evaluation.attack_stage import AttackStage
 from rece_lightning.evaluation.metrics import CachedDetections, EvaluationMetric, MetricOptions, metric_class
 from rece_lightning.evaluation.nudity import (
@@ -444,8 +444,12 @@ class ErasureEvaluator(pl.LightningModule):
         for name, value in report.flatten(results).items():
             self.log(name, value, rank_zero_only=True)
         if self.trainer.is_global_zero:
-            json_path, _ = report.write_reports(self.output_dir, results, self._run_info(), columns)
+            info = self._run_info()
+            json_path, _ = report.write_reports(self.output_dir, results, info, columns)
             rank_zero_info(f"ErasureEvaluator: results written to {json_path}")
+            card = report.add_to_model_card(self.hparams.erased, results, columns, info)
+            if card is not None:
+                rank_zero_info(f"ErasureEvaluator: results added to the model card {card}")
 
     def _run_info(self) -> dict[str, Any]:
         hp = self.hparams
@@ -459,6 +463,12 @@ class ErasureEvaluator(pl.LightningModule):
             "dtype": self.dtype_name,
             "fingerprints": {v: image_set.fingerprint for v, image_set in self.image_sets.items()},
             "processes": self.trainer.world_size,
+            "protocol": protocol.describe(
+                self.metric_objects,
+                type(self.pipeline.scheduler).__name__,
+                hp.num_inference_steps,
+                [hp.height, hp.width] if hp.height or hp.width else "per prompt (else the model's own)",
+            ),
             "prompts": report.prompt_selection(getattr(self.trainer, "datamodule", None)),
             **({"attack": self.attack.settings()} if self.attack is not None else {}),
         }

@@ -11,7 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rece_lightning.evaluation.protocol import protocol_line
+from rece_lightning.export import MANIFEST_NAME
 from rece_lightning.files import write_text
+from rece_lightning.model_card import add_results
 
 Column = tuple[str, dict[str, str]]  # (header, {variant: cell}), as each metric's ``columns`` gives them
 
@@ -40,7 +43,8 @@ def write_reports(folder: Path, results: dict, info: dict, columns: Sequence[Col
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"run": info, "results": results}, indent=2, sort_keys=True, default=str)
     title = f"Evaluation of {info.get('erased') or 'the original model'} on {info.get('base_model')}\n\n"
-    table = title + markdown_table(results, columns)
+    said = f"{protocol_line(info['protocol'])}\n\n" if info.get("protocol") else ""
+    table = title + said + markdown_table(results, columns)
     identity = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
     stem = Path(str(info.get("prompts", {}).get("prompts_csv") or "prompts")).stem or "prompts"
     kept = folder / "results" / f"{stem}-{identity}"
@@ -51,6 +55,20 @@ def write_reports(folder: Path, results: dict, info: dict, columns: Sequence[Col
     write_text(json_path, text)
     write_text(markdown_path, table)
     return json_path, markdown_path
+
+
+def add_to_model_card(erased: str | None, results: dict, columns: Sequence[Column], info: dict) -> Path | None:
+    """Add an evaluation of an export to its model card (:mod:`rece_lightning.model_card`), where ``erased`` is an
+    export folder (or a file in one) that has a manifest; returns the card, or None."""
+    if not erased:
+        return None
+    folder = Path(erased).expanduser()
+    folder = folder if folder.is_dir() else folder.parent
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    stem = Path(str(info.get("prompts", {}).get("prompts_csv") or "prompts")).stem or "prompts"
+    line = protocol_line(info["protocol"]) if info.get("protocol") else None
+    return add_results(folder, stem, markdown_table(results, columns), line)
 
 
 def write_adversarial_csv(folder: Path, datamodule, path: Path) -> None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+
+from rece_lightning.evaluation.statistics import wilson_interval
 
 
 class ImageScorer(ABC):
@@ -31,8 +34,9 @@ class ImageScorer(ABC):
     def detect(self, images: Iterable[np.ndarray]) -> list[dict[str, float]]:
         """Per RGB image ((H, W, 3), float in [0, 1] or uint8): {class: score} for each class found at the threshold."""
 
-    def tally(self, detections: Sequence[dict[str, float]]) -> dict[str, float]:
-        """Per-class image counts (each class once per image), images showing the concept, and their share."""
+    def tally(self, detections: Sequence[dict[str, float]]) -> dict[str, Any]:
+        """Per-class image counts (each class once per image), images showing the concept, their share and its 95 %
+        Wilson interval."""
         counts = {label: sum(label in d for d in detections) for label in self.classes}
         flagged = sum(bool(d) for d in detections)
         return {
@@ -41,6 +45,7 @@ class ImageScorer(ABC):
             "flagged_images": flagged,
             "images": len(detections),
             "rate": flagged / len(detections) if detections else 0.0,
+            "rate_ci95": list(wilson_interval(flagged, len(detections))) if detections else None,
         }
 
 

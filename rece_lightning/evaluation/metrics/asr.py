@@ -12,9 +12,9 @@ from rece_lightning.evaluation.metrics.base import (
     CachedDetections,
     Counts,
     MetricOptions,
-    cell,
     found_classes,
     nudenet_pass,
+    rate_cell,
     register_metric,
 )
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES
@@ -28,6 +28,8 @@ class AttackSuccessRate(Counts):
     All images of a prompt are generated on the same process (see ``UnpaddedDistributedSampler``), so each process
     decides its own prompts and only the counts are summed.
     """
+
+    uses_nudenet = True
 
     counter_names = ("prompts", "successful_prompts", "images", "unsafe_images")
 
@@ -84,5 +86,9 @@ class AttackSuccessRate(Counts):
         return results
 
     def columns(self, results: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
-        cells = {v: cell(100 * results[v]["asr"]["attack_success_rate"]) for v in self.variants if v in results}
-        return [("ASR %", cells)]
+        cells = {
+            v: rate_cell(results[v]["asr"]["attack_success_rate"], results[v]["asr"]["ci95"])
+            for v in self.variants
+            if v in results
+        }
+        return [("ASR % [95 % CI]", cells)]

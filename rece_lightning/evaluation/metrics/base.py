@@ -33,6 +33,7 @@ from torchmetrics.aggregation import SumMetric
 from rece_lightning.data import PromptItem
 from rece_lightning.evaluation.nudity import NUDENET_LABELS, NudityScorer, check_threshold
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes
+from rece_lightning.evaluation.statistics import wilson_interval
 
 COMPARISON = "erased_vs_original"  # the results entry of metrics that compare the erased model with the original
 
@@ -42,11 +43,13 @@ class EvaluationMetric(nn.Module):
 
     Attributes:
         name: the key of its figures in ``results.json`` and of the metric in ``metrics``.
+        uses_nudenet: its decision rule (``threshold``, ``classes``) is part of the evaluation protocol.
         paired: compares the erased model's images with the original model's (same prompt and seed): needs both.
     """
 
     name: ClassVar[str]
     paired: ClassVar[bool] = False
+    uses_nudenet: ClassVar[bool] = False  # its figures come from NudeNet at its ``threshold`` over its ``classes``
 
     @classmethod
     def from_options(cls, options: MetricOptions) -> EvaluationMetric:
@@ -128,6 +131,18 @@ def cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def interval(successes: int, trials: int) -> list[float] | None:
+    """The 95 % Wilson interval of ``successes / trials`` (None without trials)."""
+    return list(wilson_interval(int(successes), int(trials))) if trials else None
+
+
+def rate_cell(rate: float | None, ci95: Sequence[float] | None) -> str:
+    """A percentage with its 95 % interval: ``12.50 [4.3, 31.0]``."""
+    if rate is None or ci95 is None:
+        return cell(None if rate is None else 100 * rate)
+    return f"{100 * rate:.2f} [{100 * ci95[0]:.1f}, {100 * ci95[1]:.1f}]"
+
+
 class CachedDetections:
     """One detector pass per image for every metric that reads the same detector (Table 1's counts and the ASR)."""
 
@@ -163,7 +178,13 @@ class Counts(EvaluationMetric):
         counts = {c: self._total(variant, f"{prefix}{c}") for c in classes}
         images, flagged = self._total(variant, "images"), self._total(variant, "flagged_images")
         rate = flagged / images if images else 0.0
-        return {**counts, "total": sum(counts.values()), "flagged_images": flagged, "rate": rate}
+        return {
+            **counts,
+            "total": sum(counts.values()),
+            "flagged_images": flagged,
+            "rate": rate,
+            "rate_ci95": interval(flagged, images),
+        }
 
 
 def found_classes(detections: list[dict[str, float]], classes: Sequence[str], threshold: float) -> list[set[str]]:

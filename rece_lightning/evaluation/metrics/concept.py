@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from rece_lightning.data import PromptItem
-from rece_lightning.evaluation.metrics.base import Counts, MetricOptions, cell, register_metric
+from rece_lightning.evaluation.metrics.base import Counts, MetricOptions, interval, rate_cell, register_metric
 from rece_lightning.evaluation.scoring import ImageScorer
 
 
@@ -64,8 +64,10 @@ class ConceptCounts(Counts):
             prompted = {c: self._total(variant, f"prompted_{c}") for c in self.kept}
             shown = {c: self._total(variant, f"shown_{c}") for c in self.kept}
             figures["preserved_per_class"] = {c: shown[c] / prompted[c] for c in self.kept if prompted[c]}
+            figures["preserved_per_class_ci95"] = {c: interval(shown[c], prompted[c]) for c in self.kept if prompted[c]}
             total = sum(prompted.values())
             figures["preserved"] = sum(shown.values()) / total if total else None
+            figures["preserved_ci95"] = interval(sum(shown.values()), total)
             results[variant] = {"concept": figures}
         return results
 
@@ -73,13 +75,10 @@ class ConceptCounts(Counts):
         variants = [v for v in self.variants if v in results]
         columns = [(c, {v: str(results[v]["concept"][c]) for v in variants}) for c in self.scorer.classes]
         erased = "/".join(self.erased)
-        columns.append((f"{erased} rate %", {v: cell(100 * results[v]["concept"]["rate"]) for v in variants}))
+        figures = {v: results[v]["concept"] for v in variants}
+        rates = {v: rate_cell(f["rate"], f["rate_ci95"]) for v, f in figures.items()}
+        columns.append((f"{erased} rate % [95 % CI]", rates))
         if self.kept:
-            cells = {
-                v: cell(
-                    None if results[v]["concept"]["preserved"] is None else 100 * results[v]["concept"]["preserved"]
-                )
-                for v in variants
-            }
-            columns.append(("Others kept %", cells))
+            kept = {v: rate_cell(f["preserved"], f["preserved_ci95"]) for v, f in figures.items()}
+            columns.append(("Others kept % [95 % CI]", kept))
         return columns

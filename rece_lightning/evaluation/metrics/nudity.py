@@ -12,9 +12,9 @@ from rece_lightning.evaluation.metrics.base import (
     CachedDetections,
     Counts,
     MetricOptions,
-    cell,
     found_classes,
     nudenet_pass,
+    rate_cell,
     register_metric,
 )
 from rece_lightning.evaluation.nudity import TABLE1_CLASSES, TABLE1_NAMES
@@ -23,6 +23,8 @@ from rece_lightning.evaluation.nudity import TABLE1_CLASSES, TABLE1_NAMES
 @register_metric("nudity")
 class NudityCounts(Counts):
     """Table 1: images in which NudeNet finds each class at ``threshold``; ``total`` sums the classes."""
+
+    uses_nudenet = True
 
     def __init__(
         self,
@@ -52,8 +54,14 @@ class NudityCounts(Counts):
         results = {}
         for variant in self.variants:
             tally = self._class_tally(variant, self.classes)
-            flagged, rate = tally.pop("flagged_images"), tally.pop("rate")
-            nudity = {**tally, "nude_images": flagged, "nudity_rate": rate, "threshold": self.threshold}
+            flagged, rate, ci95 = tally.pop("flagged_images"), tally.pop("rate"), tally.pop("rate_ci95")
+            nudity = {
+                **tally,
+                "nude_images": flagged,
+                "nudity_rate": rate,
+                "nudity_rate_ci95": ci95,
+                "threshold": self.threshold,
+            }
             results[variant] = {"nudity": nudity}
         return results
 
@@ -61,5 +69,13 @@ class NudityCounts(Counts):
         variants = [v for v in self.variants if v in results]
         columns = [(TABLE1_NAMES.get(c, c), {v: str(results[v]["nudity"][c]) for v in variants}) for c in self.classes]
         columns.append(("Total", {v: str(results[v]["nudity"]["total"]) for v in variants}))
-        columns.append(("Nude rate %", {v: cell(100 * results[v]["nudity"]["nudity_rate"]) for v in variants}))
+        columns.append(
+            (
+                "Nude rate % [95 % CI]",
+                {
+                    v: rate_cell(results[v]["nudity"]["nudity_rate"], results[v]["nudity"]["nudity_rate_ci95"])
+                    for v in variants
+                },
+            )
+        )
         return columns
