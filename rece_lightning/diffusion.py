@@ -70,13 +70,58 @@ def pipeline_class_name(name_or_path: str) -> str | None:
     return class_name
 
 
-def check_pretrained_path(name_or_path: str) -> str | None:
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def is_single_file(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` names one checkpoint file in the original Stable Diffusion layout (A1111 / civitai),
+    which diffusers loads with ``from_single_file``."""
+    return isinstance(name_or_path, str) and name_or_path.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def _check_single_file(name_or_path: str, single_file_config: str | None) -> str | None:
+    """The pipeline class of a single-file base (from its config folder), or None where diffusers will infer it."""
+    if not Path(name_or_path).expanduser().is_file():
+        raise FileNotFoundError(f"pretrained_model_name_or_path={name_or_path!r}: no such checkpoint file")
+    if single_file_config is None:
+        if _hub_offline():
+            raise ValueError(
+                f"pretrained_model_name_or_path={name_or_path!r} is a single-file checkpoint, and offline diffusers "
+                "needs the configs of its architecture to load it: give single_file_config=<a diffusers folder of "
+                "the same architecture: model_index.json, the component configs and the tokenizer; no weights "
+                "needed>, made where there is network with e.g. `huggingface-cli download "
+                "stable-diffusion-v1-5/stable-diffusion-v1-5 --exclude '*.safetensors' '*.bin' '*.ckpt' --local-dir "
+                "sd15-config` (SDXL: stabilityai/stable-diffusion-xl-base-1.0)"
+            )
+        return None
+    if (
+        looks_like_local_path(single_file_config)
+        and not (Path(single_file_config).expanduser() / "model_index.json").is_file()
+    ):
+        raise FileNotFoundError(
+            f"single_file_config={single_file_config!r} is not a diffusers pipeline folder (no model_index.json "
+            "there): give the configs of the checkpoint's architecture (a save_pretrained folder; weights not needed)"
+        )
+    return pipeline_class_name(single_file_config)
+
+
+def check_pretrained_path(name_or_path: str, single_file_config: str | None = None) -> str | None:
     """Refuse a local folder that is not a saved diffusers pipeline, or a pipeline class RECE cannot edit, before
-    anything heavy is loaded; return the pipeline class (None where ``model_index.json`` cannot be read here)."""
+    anything heavy is loaded; return the pipeline class (None where ``model_index.json`` cannot be read here).
+
+    A ``.safetensors`` / ``.ckpt`` file is a single-file checkpoint: its class comes from ``single_file_config``
+    (needed offline)."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(
             f"pretrained_model_name_or_path={name_or_path!r} is not allowed: give a hub id such as "
-            "'CompVis/stable-diffusion-v1-4' or a local folder written by save_pretrained"
+            "'CompVis/stable-diffusion-v1-4', a local folder written by save_pretrained, or a single-file checkpoint"
+        )
+    if is_single_file(name_or_path):
+        return _check_single_file(name_or_path, single_file_config)
+    if single_file_config is not None:
+        raise ValueError(
+            f"single_file_config={single_file_config!r} is given but pretrained_model_name_or_path={name_or_path!r} "
+            f"is no single-file checkpoint ({' or '.join(SINGLE_FILE_SUFFIXES)}): drop single_file_config"
         )
     if looks_like_local_path(name_or_path) and not (Path(name_or_path).expanduser() / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -86,10 +131,10 @@ def check_pretrained_path(name_or_path: str) -> str | None:
     return pipeline_class_name(name_or_path)
 
 
-def check_family(name_or_path: str) -> ModelFamily | None:
+def check_family(name_or_path: str, single_file_config: str | None = None) -> ModelFamily | None:
     """:func:`check_pretrained_path`, then the family of the pipeline class it names (None where
     ``model_index.json`` cannot be read here: a hub id not in the cache, checked once loaded)."""
-    class_name = check_pretrained_path(name_or_path)
+    class_name = check_pretrained_path(name_or_path, single_file_config)
     return None if class_name is None else family_for_class(class_name, name_or_path)
 
 
@@ -109,25 +154,49 @@ def check_downloadable(name_or_path: str) -> None:
         )
 
 
-def load_tokenizer(name_or_path: str):
-    """The pipeline's tokenizer alone: cheap, so prompts can be checked before the models load."""
+def load_tokenizer(name_or_path: str, single_file_config: str | None = None):
+    """The pipeline's tokenizer alone: cheap, so prompts can be checked before the models load (a single-file
+    checkpoint's comes from its config folder; None if it has none: diffusers fetches it with the model)."""
     from transformers import AutoTokenizer
 
+    if is_single_file(name_or_path):
+        if single_file_config is None:
+            return None
+        name_or_path = single_file_config
     check_downloadable(name_or_path)
     return AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), subfolder="tokenizer")
 
 
-def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+def load_pipeline(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    single_file_config: str | None = None,
+):
     """``from_pretrained`` of the pipeline class the folder's ``model_index.json`` names, with its family's options
     (no safety checker: it would blank the probe images; no SDXL watermark: it would alter them); every network
-    frozen and in eval mode."""
+    frozen and in eval mode. A single-file checkpoint loads through diffusers' ``from_single_file`` with
+    ``single_file_config`` (local files only when given, or when offline)."""
     import diffusers
 
-    check_downloadable(name_or_path)
-    class_name = pipeline_class_name(name_or_path)
-    options = family_for_class(class_name, name_or_path).load_options(class_name) if class_name else {}
-    loader = getattr(diffusers, class_name or "DiffusionPipeline")
-    pipeline = loader.from_pretrained(os.path.expanduser(name_or_path), dtype=dtype, **options)
+    if is_single_file(name_or_path):
+        class_name = check_pretrained_path(name_or_path, single_file_config)
+        options = family_for_class(class_name, name_or_path).load_options(class_name) if class_name else {}
+        loader = getattr(diffusers, class_name or "StableDiffusionPipeline")
+        config = None if single_file_config is None else os.path.expanduser(single_file_config)
+        pipeline = loader.from_single_file(
+            os.path.expanduser(name_or_path),
+            config=config,
+            local_files_only=config is not None and looks_like_local_path(config) or _hub_offline(),
+            dtype=dtype,
+            **options,
+        )
+    else:
+        check_downloadable(name_or_path)
+        class_name = pipeline_class_name(name_or_path)
+        options = family_for_class(class_name, name_or_path).load_options(class_name) if class_name else {}
+        loader = getattr(diffusers, class_name or "DiffusionPipeline")
+        pipeline = loader.from_pretrained(os.path.expanduser(name_or_path), dtype=dtype, **options)
     family = family_of(pipeline)  # a hub id whose index was not cached: its class is checked now
     pipeline.set_progress_bar_config(disable=True)
     for component in family.networks(pipeline):

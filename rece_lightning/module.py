@@ -48,12 +48,13 @@ from rece_lightning.lora import check_lora_rank, lora_layers, save_lora
 from rece_lightning.methods import RECE, ErasureMethod, from_spec
 from rece_lightning.model_card import check_repo_id, push_to_hub, write_model_card
 from rece_lightning.precision import check_trainer_precision
+from rece_lightning.single_file import save_single_file
 from rece_lightning.validation import check_choice
 
 __all__ = ["RECEModule"]
 
 MAX_SENSIBLE_ROUNDS = 50  # the paper uses 1-10; more is allowed, with a warning
-EXPORT_FORMATS = ("kv", "diffusers", "lora")
+EXPORT_FORMATS = ("kv", "diffusers", "lora", "single_file")
 LOW_RANK_KEY = "rece_low_rank_factors"
 NEGLIGIBLE_EDIT = 1e-9  # relative change of the transform under which an edit is reported as doing nothing
 
@@ -68,8 +69,10 @@ class RECEModule(pl.LightningModule):
 
     Args:
         pretrained_model_name_or_path: hub id (e.g. ``CompVis/stable-diffusion-v1-4``) or local folder of a diffusers
-            pipeline of a supported family (SD 1.x / 2.x, SDXL, PixArt-α / Σ), as with ``from_pretrained``; or a
-            :class:`~rece_lightning.diffusion.ModelSource` that makes one (``rece_lightning.testing.TinyPipeline``).
+            pipeline of a supported family (SD 1.x / 2.x, SDXL, PixArt-α / Σ), as with ``from_pretrained``; a
+            single-file checkpoint (``.safetensors`` / ``.ckpt`` in the original layout, loaded with diffusers'
+            ``from_single_file``); or a :class:`~rece_lightning.diffusion.ModelSource` that makes one
+            (``rece_lightning.testing.TinyPipeline``).
         erase_concepts: concepts to erase (Eq. 2's set E), e.g. ``["nudity"]``.
         guide_concepts: destination of each concept (Eq. 2's c*): one for all or one per concept. " " is the empty
             prompt (the reference destination of "nudity"); artists use "art".
@@ -85,7 +88,10 @@ class RECEModule(pl.LightningModule):
             with ``load_erased``; ``diffusers``: a complete pipeline folder (``save_pretrained``) that plain diffusers
             loads with ``from_pretrained`` and no project code, plus the same manifest; ``lora``: the edit as a LoRA
             on every K/V matrix (:mod:`rece_lightning.lora`), in diffusers' layout (``load_lora_weights``) and in
-            kohya's (AUTOMATIC1111, Forge, ComfyUI).
+            kohya's (AUTOMATIC1111, Forge, ComfyUI); ``single_file``: for a single-file base, the same file with
+            the erased K/V (:mod:`rece_lightning.single_file`).
+        single_file_config: a single-file base's architecture: a diffusers folder (or hub id) with its configs and
+            tokenizer, no weights needed; required offline.
         lora_rank: the LoRA export's rank: ``null`` (default) keeps the edit's own rank and reproduces it exactly; a
             smaller whole number keeps its top singular directions (smaller file, approximate; the manifest records
             the relative weight error).
@@ -110,6 +116,7 @@ class RECEModule(pl.LightningModule):
         lora_rank: int | None = None,
         cache_dir: str | None = None,
         push_to_hub: str | None = None,
+        single_file_config: str | None = None,
     ) -> None:
         super().__init__()
         self.method = RECE() if method is None else from_spec(method)
@@ -122,8 +129,14 @@ class RECEModule(pl.LightningModule):
         self.weight_dtype = diffusion.resolve_dtype(dtype)
         # a ModelSource is checked in setup, once it has made its model
         source = isinstance(pretrained_model_name_or_path, ModelSource)
-        self.family: ModelFamily | None = None if source else diffusion.check_family(path)
+        self.family: ModelFamily | None = None if source else diffusion.check_family(path, single_file_config)
         _check_export_format(export_format)
+        if export_format == "single_file" and not diffusion.is_single_file(path):
+            raise ValueError(
+                f"export_format='single_file' writes the erased model in the layout of a single-file base, and "
+                f"pretrained_model_name_or_path={path!r} is not one (.safetensors / .ckpt): use one of "
+                f"{[f for f in EXPORT_FORMATS if f != 'single_file']}"
+            )
         shapes = None if source else kv_files.base_kv_shapes(path)  # read from the file headers, no model loaded
         check_lora_rank(lora_rank, next(iter(shapes.values()))[1] if shapes else None)
         if export_format == "lora" and self.family is not None and self.family.lora_pipeline is None:
@@ -172,9 +185,14 @@ class RECEModule(pl.LightningModule):
             if stage == "fit":
                 self._check_rounds(self.trainer.max_epochs, self.trainer.max_steps, self.method)
         path = os.fspath(self._model_source)  # made now if it is a ModelSource
-        self.family = diffusion.check_family(path)
-        self._check_prompts(diffusion.load_tokenizer(path))
-        self.attach_pipeline(diffusion.load_pipeline(path, dtype=self.weight_dtype))
+        single_file_config = self.hparams.get("single_file_config")
+        self.family = diffusion.check_family(path, single_file_config)
+        tokenizer = diffusion.load_tokenizer(path, single_file_config)
+        if tokenizer is not None:  # a single file without a config: diffusers fetches its tokenizer with the model
+            self._check_prompts(tokenizer)
+        self.attach_pipeline(
+            diffusion.load_pipeline(path, dtype=self.weight_dtype, single_file_config=single_file_config)
+        )
 
     @staticmethod
     def _check_rounds(max_epochs: int | None, max_steps: int, method: ErasureMethod | None = None) -> int:
@@ -575,6 +593,17 @@ class RECEModule(pl.LightningModule):
             lora = lora_layers(self.original_kv, state, self.hparams.get("lora_rank"))
             manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(self.weights_for(state)), **extra}
             return save_lora(folder, self.family, lora, manifest)
+        if export_format == "single_file":
+            weights = self.kv_state() if transform is None else self.weights_for(transform.to(self.transform.device))
+            config = self.family.denoiser(self.pipeline).config
+            manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(weights), **extra}
+            return save_single_file(
+                folder,
+                self.hparams.pretrained_model_name_or_path,
+                weights,
+                lambda name: self.family.single_file_kv_key(name, config),
+                manifest,
+            )
         weights = self.kv_state() if transform is None else self.weights_for(transform.to(self.transform.device))
         manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(weights), **extra}
         if export_format == "kv":

@@ -327,3 +327,108 @@ class TinyPipeline(ModelSource):
 
     def __repr__(self) -> str:
         return f"TinyPipeline({self.folder!r}, architecture={self.architecture!r})"
+
+
+# --- single-file checkpoints -----------------------------------------------------------------------------------------
+
+_RESNET_NAMES = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+)
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _unet_module_in_original_layout(module: str, layers_per_block: int, up_attention: Sequence[bool]) -> str:
+    """One U-Net module path in the original (LDM) layout, for any block count and ``layers_per_block``."""
+    import re
+
+    per = layers_per_block + 1
+    if module in _UNET_FIXED:
+        return _UNET_FIXED[module]
+    if match := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.?(.*)", module):
+        side, block, kind, layer, rest = match[1], int(match[2]), match[3], int(match[4]), match[5]
+        index = per * block + layer + 1 if side == "down" else per * block + layer
+        head = f"{'input' if side == 'down' else 'output'}_blocks.{index}.{0 if kind == 'resnets' else 1}"
+        if kind == "resnets":
+            rest = dict(_RESNET_NAMES).get(rest, rest)
+        return f"{head}.{rest}" if rest else head
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
+        return f"input_blocks.{per * (int(match[1]) + 1)}.0.op"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", module):
+        block = int(match[1])
+        return f"output_blocks.{per * block + layers_per_block}.{2 if up_attention[block] else 1}.{match[2]}"
+    if match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
+        return f"middle_block.1.{match[1]}"
+    if match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", module):
+        return f"middle_block.{2 * int(match[1])}.{dict(_RESNET_NAMES).get(match[2], match[2])}"
+    raise KeyError(f"no original-layout name for U-Net module {module!r}")
+
+
+def _vae_key_in_original_layout(key: str, blocks: int) -> str:
+    import re
+
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    key = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+        lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.block.{m[2]}.",
+        key,
+    )
+    key = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.upsample.", key
+    )
+    key = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", key)
+    key = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+    if "mid_block.attentions.0." in key:
+        key = key.replace("mid_block.attentions.0.", "mid.attn_1.")
+        for new, old in (
+            ("norm.", "group_norm."),
+            ("q.", "to_q."),
+            ("k.", "to_k."),
+            ("v.", "to_v."),
+            ("proj_out.", "to_out.0."),
+        ):
+            key = key.replace(old, new)
+    return key
+
+
+def save_single_file(pipeline_folder: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Write an SD 1.x-style diffusers pipeline folder (U-Net, VAE, CLIP text encoder) as one ``.safetensors`` in the
+    original Stable Diffusion layout, as A1111 / civitai checkpoints are: the single-file input the tests load back
+    through diffusers' own converter (``from_single_file(path, config=pipeline_folder)``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    folder = Path(pipeline_folder).expanduser()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    up_attention = [name.startswith("CrossAttn") for name in unet.config.up_block_types]
+    state: dict[str, torch.Tensor] = {}
+    for key, value in unet.state_dict().items():
+        module, _, parameter = key.rpartition(".")
+        name = _unet_module_in_original_layout(module, unet.config.layers_per_block, up_attention)
+        state[f"model.diffusion_model.{name}.{parameter}"] = value
+    blocks = len(vae.config.block_out_channels)
+    for key, value in vae.state_dict().items():
+        name = _vae_key_in_original_layout(key, blocks)
+        if name.startswith("mid.attn_1.") and name.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+            value = value.reshape(*value.shape, 1, 1)  # the original VAE's attention projections are 1x1 convolutions
+        state[f"first_stage_model.{name}"] = value
+    for key, value in text_encoder.state_dict().items():
+        state[f"cond_stage_model.transformer.text_model.{key.removeprefix('text_model.')}"] = value
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path

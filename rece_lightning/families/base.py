@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from rece_lightning.families.ldm_layout import original_kv_key
+
 ENCODE_BATCH = 64  # prompts per text-encoder call: thousands of concepts encode in batches, not all at once
 
 
@@ -101,6 +103,11 @@ class ModelFamily(ABC):
         diffusers path with ``_`` for ``.`` (the layout kohya's sd-scripts write for SD 1.x/2.x; A1111, ComfyUI and
         diffusers' own converter map it onto the U-Net)."""
         return "lora_unet_" + kv_name.removesuffix(".weight").replace(".", "_")
+
+    def single_file_kv_key(self, kv_name: str, denoiser_config: Any) -> str:
+        """The key of K/V matrix ``kv_name`` in a single-file checkpoint of the original layout
+        (:mod:`~rece_lightning.families.ldm_layout`)."""
+        return original_kv_key(kv_name, int(denoiser_config.layers_per_block))
 
     def kohya_base_version(self, text_width: int) -> str:
         """kohya's ``ss_base_model_version`` for a model whose K/V read ``text_width``-wide embeddings."""

@@ -33,6 +33,11 @@ class PixArt(ModelFamily):
     def __init__(self, class_name: str = "PixArtAlphaPipeline") -> None:
         self.class_name = class_name
 
+    def single_file_kv_key(self, kv_name: str, denoiser_config) -> str:
+        raise ValueError(
+            "PixArt has no single-file checkpoint layout here: export_format=single_file is for SD 1.x/2.x/SDXL"
+        )
+
     def max_length(self, tokenizer) -> int:
         return min(int(tokenizer.model_max_length), MAX_SEQUENCE_LENGTH.get(self.class_name, 120))
 
