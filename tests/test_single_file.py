@@ -27,7 +27,8 @@ assert "rece_lightning" not in sys.modules
 image = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="np").images
 numpy.save(out, image)
 from safetensors.torch import save_file
-kv = {k: v.contiguous() for k, v in pipe.unet.state_dict().items() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+ends = ("attn2.to_k.weight", "attn2.to_v.weight")
+kv = {k: v.contiguous() for k, v in pipe.unet.state_dict().items() if k.endswith(ends)}
 save_file(kv, out + ".kv.safetensors")
 """
 
@@ -105,7 +106,9 @@ def test_a_single_file_base_is_erased_and_exported_in_its_own_layout(toy_single_
 
 
 def test_single_file_export_of_a_folder_base_is_refused_before_the_model_loads(toy_model_dir):
-    with pytest.raises(ValueError, match="export_format='single_file' writes the erased model in the layout of a single"):
+    with pytest.raises(
+        ValueError, match="export_format='single_file' writes the erased model in the layout of a single"
+    ):
         RECEModule(str(toy_model_dir), export_format="single_file")
 
 
