@@ -267,8 +267,15 @@ def main(argv: list[str] | None = None) -> None:
     (``RECE_TRACEBACK=1`` shows the whole traceback instead)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli_main(argv, exit_on_error=False)
+        if argv[:1] == ["sweep"]:
+            from rece_lightning.sweep import run_sweep
+
+            sys.argv = sys.argv[:1]  # the fits get their arguments from the sweep, not from the command line
+            run_sweep(argv[1:], cli_main)
+        else:
+            cli_main(argv, exit_on_error=False)
     except SIGTERMException:
         print(
             "stopped on SIGTERM: the images and attack outcomes done so far are kept; the same command goes on from "

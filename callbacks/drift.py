@@ -49,6 +49,7 @@ class ParameterDrift(EveryState):
         if not self.preservation_prompts:
             raise ValueError("preservation_prompts=[] is not allowed: give at least one unrelated prompt")
         self._previous: dict[str, Tensor] | None = None
+        self.history: list[dict[str, float]] = []  # per state: drift/total and drift/preservation (for sweeps)
 
     @torch.no_grad()
     def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
@@ -80,6 +81,10 @@ class ParameterDrift(EveryState):
         metrics["drift/preservation"] = self._preservation(pl_module, original, current)
 
         step = pl_module.rece_epochs_done
+        self.history = [h for h in self.history if h["state"] != step]
+        self.history.append(
+            {"state": step, "drift": metrics["drift/total"], "preservation": metrics["drift/preservation"]}
+        )
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             add_histogram = getattr(logger.experiment, "add_histogram", None)
