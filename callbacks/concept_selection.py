@@ -17,11 +17,15 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from tqdm.auto import tqdm
 
-from callbacks.probing import EveryState, ProbeSettings, check_probe_settings, generate_probes
+from callbacks.probing import (
+    EveryState,
+    ProbeSettings,
+    check_probe_settings,
+    generate_probes,
+    generate_prompt_images,
+)
 from rece_lightning.data import read_prompt_csv
-from rece_lightning.distributed import sharded_map
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, Detector, NudityScorer
 from rece_lightning.evaluation.scoring import ImageScorer, check_concept_classes, check_scorer
 from rece_lightning.evaluation.statistics import wilson_interval
@@ -277,43 +281,17 @@ class ConceptCheckpointSelector(EveryState):
             "both": record["probe_flagged"] + record.get("validation_flagged", 0),
         }[self.select_on]
 
-    @torch.no_grad()
     def _validation_images(self, pl_module) -> np.ndarray:
         """Every validation prompt's image at this state; on several processes each makes its share."""
-        pipeline = pl_module.pipeline
         frame = self.validation
-        seeds, prompts = list(frame["seed"]), list(frame["prompt"])
-        trainer = pl_module.trainer
-        progress = tqdm(
-            total=len(prompts),
-            desc=f"validation images of state {pl_module.rece_epochs_done}",
-            unit="image",
-            leave=False,
-            disable=trainer.progress_bar_callback is None or not trainer.is_global_zero,
+        return generate_prompt_images(
+            pl_module,
+            list(frame["prompt"]),
+            list(frame["seed"]),
+            self.settings,
+            self.validation_batch_size,
+            f"validation images of state {pl_module.rece_epochs_done}",
         )
-
-        def run(indices: list[int]) -> np.ndarray:
-            images = []
-            for start in range(0, len(indices), self.validation_batch_size):
-                chunk = indices[start : start + self.validation_batch_size]
-                generators = [torch.Generator(device=pipeline.device).manual_seed(int(seeds[i])) for i in chunk]
-                images.append(
-                    pipeline(
-                        [prompts[i] for i in chunk],
-                        num_inference_steps=self.settings.num_inference_steps,
-                        guidance_scale=self.settings.guidance_scale,
-                        height=self.settings.height,
-                        width=self.settings.width,
-                        generator=generators,
-                        output_type="np",
-                    ).images
-                )
-                progress.update(len(chunk))
-            return np.concatenate(images)
-
-        images = sharded_map(trainer, prompts, run, (self.settings.height, self.settings.width, 3))
-        progress.close()
-        return images
 
 
 class NudityCheckpointSelector(ConceptCheckpointSelector):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from rece_lightning.distributed import sharded_map
 from rece_lightning.families import family_of
@@ -174,3 +175,43 @@ class EveryState(pl.Callback):
 
     def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Called once after the last state was observed."""
+
+
+@torch.no_grad()
+def generate_prompt_images(
+    pl_module, prompts: list[str], seeds: list[int], settings: ProbeSettings, batch_size: int, description: str
+) -> np.ndarray:
+    """The image of each prompt (seed ``seeds[i]``) at the module's current state, with the probes' sampler; on
+    several processes each makes its share and every process gets all of them, in order."""
+    pipeline = pl_module.pipeline
+    trainer = pl_module.trainer
+    progress = tqdm(
+        total=len(prompts),
+        desc=description,
+        unit="image",
+        leave=False,
+        disable=trainer.progress_bar_callback is None or not trainer.is_global_zero,
+    )
+
+    def run(indices: list[int]) -> np.ndarray:
+        images = []
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            generators = [torch.Generator(device=pipeline.device).manual_seed(int(seeds[i])) for i in chunk]
+            images.append(
+                pipeline(
+                    [prompts[i] for i in chunk],
+                    num_inference_steps=settings.num_inference_steps,
+                    guidance_scale=settings.guidance_scale,
+                    height=settings.height,
+                    width=settings.width,
+                    generator=generators,
+                    output_type="np",
+                ).images
+            )
+            progress.update(len(chunk))
+        return np.concatenate(images)
+
+    images = sharded_map(trainer, prompts, run, (settings.height, settings.width, 3))
+    progress.close()
+    return images

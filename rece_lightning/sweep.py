@@ -166,11 +166,13 @@ def _fit_args(rest: list[str], setting: dict[str, Any], flags: dict[str, str], l
 
 def _record(cli, setting: dict[str, Any], seconds: float) -> dict[str, Any]:
     """What one fit says about the trade-off, from its selector and drift callback."""
-    from callbacks import ConceptCheckpointSelector, ParameterDrift
+    from callbacks import ConceptCheckpointSelector, ConceptPreservation, ParameterDrift
 
     selector = next((c for c in cli.trainer.callbacks if isinstance(c, ConceptCheckpointSelector)), None)
     drift = next((c for c in cli.trainer.callbacks if isinstance(c, ParameterDrift)), None)
     drifts = {entry["state"]: entry for entry in (drift.history if drift is not None else [])}
+    kept = next((c for c in cli.trainer.callbacks if isinstance(c, ConceptPreservation)), None)
+    kept_by_state = {entry["state"]: entry for entry in (kept.history if kept is not None else [])}
     states = []
     for score in sorted(selector.scores if selector is not None else [], key=lambda s: s["state"]):
         state = score["state"]
@@ -183,6 +185,8 @@ def _record(cli, setting: dict[str, Any], seconds: float) -> dict[str, Any]:
                 "prompt_rate_ci95": score["validation"].get("rate_ci95") if "validation" in score else None,
                 "drift": drifts.get(state, {}).get("drift"),
                 "preservation_change": drifts.get(state, {}).get("preservation"),
+                "kept_rate": kept_by_state.get(state, {}).get("kept_rate"),
+                "kept_rate_ci95": kept_by_state.get(state, {}).get("kept_rate_ci95"),
             }
         )
     return {
@@ -202,7 +206,15 @@ def _cell(rate: float | None, ci95: Sequence[float] | None) -> str:
 
 
 def _markdown(records: list[dict]) -> str:
-    header = ["setting", "state", "probes show concept", "prompts show concept", "K/V drift", "preserved K/V change"]
+    header = [
+        "setting",
+        "state",
+        "probes show concept",
+        "prompts show concept",
+        "other concepts kept",
+        "K/V drift",
+        "preserved K/V change",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
         for entry in record["states"]:
@@ -212,6 +224,7 @@ def _markdown(records: list[dict]) -> str:
                 f"| {_label(record['setting'])} | {entry['state']}{chosen} | "
                 f"{_cell(entry['probe_rate'], entry['probe_rate_ci95'])} | "
                 f"{_cell(entry['prompt_rate'], entry['prompt_rate_ci95'])} | "
+                f"{_cell(entry['kept_rate'], entry['kept_rate_ci95'])} | "
                 f"{'-' if drift is None else f'{drift:.4f}'} | {'-' if kept is None else f'{kept:.4f}'} |"
             )
     return "\n".join(lines) + "\n"
@@ -231,18 +244,21 @@ def _plot(records: list[dict], path: Path) -> None:
         prompts = [e["prompt_rate"] for e in record["states"]]
         if any(p is not None for p in prompts):
             axes[1].plot(states, [float("nan") if p is None else p for p in prompts], marker="o", label=label)
-        axes[2].plot(
-            [e["drift"] for e in record["states"]],
-            [e["preservation_change"] for e in record["states"]],
-            marker="o",
-            label=label,
-        )
+        kept = [e["kept_rate"] for e in record["states"]]
+        if any(k is not None for k in kept):
+            axes[2].plot(states, [float("nan") if k is None else k for k in kept], marker="o", label=label)
+        else:
+            axes[2].plot(states, [e["preservation_change"] for e in record["states"]], marker="o", label=label)
         chosen = [e for e in record["states"] if e["state"] == record["selected_state"]]
         if chosen:
             axes[0].plot([chosen[0]["state"]], [chosen[0]["probe_rate"]], "k*", markersize=12)
     axes[0].set(xlabel="state (RECE epochs)", ylabel="concept rate, c' probes", title="probes (★: selected)")
     axes[1].set(xlabel="state (RECE epochs)", ylabel="concept rate, prompts", title="validation prompts")
-    axes[2].set(xlabel="K/V drift", ylabel="preserved prompts' K/V change", title="cost")
+    axes[2].set(
+        xlabel="state (RECE epochs)",
+        ylabel="other concepts kept (else: preserved K/V change)",
+        title="what is spared",
+    )
     axes[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -432,3 +432,31 @@ def save_single_file(pipeline_folder: str | os.PathLike, path: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+# --- image classifiers -----------------------------------------------------------------------------------------------
+
+
+def build_tiny_classifier(folder: str | os.PathLike, labels: Sequence[str], favour: str | None = None) -> Path:
+    """A tiny random ResNet image classifier with ImageNet-style ``labels`` (``id2label``) and its image processor,
+    saved like ``microsoft/resnet-50`` is; ``favour``: the label it predicts for every image (a large output bias), so
+    that tests see non-zero accuracies."""
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    model = ResNetForImageClassification(config).eval()
+    if favour is not None:
+        with torch.no_grad():
+            model.classifier[-1].bias[list(labels).index(favour)] += 100.0
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=1.0).save_pretrained(folder)
+    return folder

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rece_lightning import base_cache, closed_form
+from rece_lightning.evaluation.statistics import wilson_interval
 from rece_lightning.sweep import parse_sweep, run_sweep
 from train import cli_main, main
 
@@ -71,6 +72,7 @@ def test_a_sweep_fits_every_setting_from_one_gram_and_reports_the_trade_off(monk
         assert (Path(record["log_dir"]) / "erased" / "rece_kv.safetensors").is_file()
         assert all(s["drift"] > 0 and s["preservation_change"] > 0 for s in record["states"])
         assert all(s["probe_rate_ci95"] is not None and s["prompt_rate"] is not None for s in record["states"])
+        assert all(0 <= s["kept_rate_ci95"][0] <= s["kept_rate"] <= s["kept_rate_ci95"][1] for s in record["states"])
     # reg changes the derived embedding, hence the first round's edit
     assert records[0]["states"][1]["drift"] != pytest.approx(records[1]["states"][1]["drift"])
     report = json.loads((tmp_path / "report" / "sweep.json").read_text())
@@ -78,3 +80,36 @@ def test_a_sweep_fits_every_setting_from_one_gram_and_reports_the_trade_off(monk
     table = (tmp_path / "report" / "sweep.md").read_text()
     assert "| reg=0.001,max_epochs=1 | 0" in table and "**(selected)**" in table
     assert (tmp_path / "report" / "sweep.png").is_file()
+
+
+def test_kept_concepts_are_checked_against_the_scorer():
+    from callbacks import ConceptPreservation
+    from rece_lightning.toyworld import ToyWorldScorer
+
+    scorer = ToyWorldScorer(["green", "blue"])
+    with pytest.raises(ValueError, match="class 'yellow', which the scorer does not detect"):
+        ConceptPreservation(scorer, {"yellow": ["a yellow square"]})
+    with pytest.raises(ValueError, match=r"prompts\['green'\]=\[\] is not allowed"):
+        ConceptPreservation(scorer, {"green": []})
+    with pytest.raises(ValueError, match="prompts={} is not allowed"):
+        ConceptPreservation(scorer, {})
+
+
+def test_kept_rate_counts_the_images_that_show_their_own_class(monkeypatch):
+    """The scorer's verdicts on a scripted state: green kept in 1 of 2 images, blue in 2 of 2."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from callbacks import ConceptPreservation, preservation
+    from rece_lightning.toyworld import ToyWorldScorer
+
+    callback = ConceptPreservation(ToyWorldScorer(["green", "blue"]), {"green": ["g1", "g2"], "blue": ["b1", "b2"]})
+    monkeypatch.setattr(preservation, "generate_prompt_images", lambda *a, **k: np.zeros((4, 8, 8, 3)))
+    monkeypatch.setattr(callback.scorer, "detect", lambda images: [{"green": 1.0}, {}, {"blue": 0.9}, {"blue": 1.0}])
+    module = SimpleNamespace(rece_epochs_done=2)
+    callback.observe(SimpleNamespace(loggers=[]), module, after_epoch=True)
+    record = callback.history[-1]
+    assert record["state"] == 2 and record["kept_rate"] == 0.75
+    assert record["per_class"] == {"green": 0.5, "blue": 1.0}
+    assert record["kept_rate_ci95"] == pytest.approx(list(wilson_interval(3, 4)))

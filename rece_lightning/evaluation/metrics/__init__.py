@@ -6,7 +6,8 @@
 * ``concept``: per-class counts and rate by any other detector, e.g. the toy world's colours;
 * ``clip``: CLIP score of each image against its prompt (Table 1);
 * ``fid``: FID of the erased model's images against the original model's, same prompts and seeds (Table 1);
-* ``lpips``: LPIPS between erased and original images (Table 3's LPIPS_e / _u / _d with ``erased_artist``).
+* ``lpips``: LPIPS between erased and original images (Table 3's LPIPS_e / _u / _d with ``erased_artist``);
+* ``object``: an image classifier's top-1 accuracy on the erased object class and on the others (the appendix).
 """
 
 from rece_lightning.evaluation.metrics.asr import AttackSuccessRate
@@ -25,6 +26,7 @@ from rece_lightning.evaluation.metrics.concept_asr import ConceptAttackSuccessRa
 from rece_lightning.evaluation.metrics.fid import ErasedVsOriginalFID
 from rece_lightning.evaluation.metrics.lpips import ErasedVsOriginalLPIPS
 from rece_lightning.evaluation.metrics.nudity import NudityCounts
+from rece_lightning.evaluation.metrics.objects import ObjectAccuracy
 
 __all__ = [
     "COMPARISON",
@@ -38,6 +40,7 @@ __all__ = [
     "EvaluationMetric",
     "MetricOptions",
     "NudityCounts",
+    "ObjectAccuracy",
     "metric_class",
     "metric_names",
     "register_metric",
