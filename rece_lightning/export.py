@@ -153,6 +153,19 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 def _resolve(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
+    if path.is_dir() and not (path / WEIGHTS_NAME).is_file() and (path / MANIFEST_NAME).is_file():
+        export_format = json.loads((path / MANIFEST_NAME).read_text()).get("format")
+        if export_format == "lora":
+            raise ValueError(
+                f"{str(path)!r} is a LoRA export: apply it with pipe.load_lora_weights({str(path)!r}); to evaluate "
+                "the same edit, give the run's checkpoint (checkpoints/epoch=N.ckpt) or a kv export of it"
+            )
+        if export_format == "single_file":
+            raise ValueError(
+                f"{str(path)!r} is a single-file export: it is a whole model; evaluate it as the base model "
+                "(pretrained_model_name_or_path=<its .safetensors> with single_file_config, original_only=true), or "
+                "give the run's checkpoint"
+            )
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if not path.is_file():

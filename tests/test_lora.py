@@ -113,3 +113,11 @@ def test_low_rank_update_reconstructs_the_transform_exactly_at_full_rank():
 def test_bad_lora_rank_is_refused_before_the_model_loads(tiny_pipeline_dir, rank):
     with pytest.raises(ValueError, match=r"lora_rank=.* is not allowed: a LoRA rank is a whole number in \[1, d = "):
         RECEModule(str(tiny_pipeline_dir), export_format="lora", lora_rank=rank)
+
+
+def test_loading_a_lora_folder_as_a_kv_export_says_how_to_apply_it(lora_fit):
+    from rece_lightning.export import read_erased
+
+    _, folder, _ = lora_fit
+    with pytest.raises(ValueError, match=r"is a LoRA export: apply it with pipe.load_lora_weights"):
+        read_erased(folder)
