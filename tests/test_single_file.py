@@ -127,3 +127,34 @@ def test_a_config_for_a_folder_base_and_a_missing_file_are_refused(toy_model_dir
         empty = tmp_path / "model.safetensors"
         save_file({"x": torch.zeros(1)}, str(empty))
         RECEModule(str(empty), single_file_config=str(tmp_path))
+
+
+def test_the_evaluator_takes_a_single_file_base(toy_single_file, toy_model_dir, tmp_path):
+    import lightning.pytorch as pl
+
+    from rece_lightning.data import PromptDataModule
+    from rece_lightning.evaluation import ErasureEvaluator
+
+    csv = tmp_path / "p.csv"
+    csv.write_text("case_number,prompt,evaluation_seed\n0,a red circle,0\n")
+    model = ErasureEvaluator(
+        str(toy_single_file),
+        single_file_config=str(toy_model_dir),
+        original_only=True,
+        metrics=[],
+        num_inference_steps=2,
+        output_dir=str(tmp_path / "eval"),
+    )
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer.test(model, datamodule=PromptDataModule(str(csv), batch_size=1))
+    assert model.results["original"]["num_images"] == 1
+
+
+def test_a_ckpt_single_file_reads_as_its_safetensors_twin(toy_single_file, tmp_path):
+    from rece_lightning.single_file import read_single_file
+
+    tensors, _ = read_single_file(toy_single_file)
+    ckpt = tmp_path / "toyworld.ckpt"
+    torch.save({"state_dict": tensors}, ckpt)
+    again, _ = read_single_file(ckpt)
+    assert set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)

@@ -60,7 +60,8 @@ class ErasureEvaluator(pl.LightningModule):
     """Generate and score images of the original and the erased model (``python train.py test``).
 
     Args:
-        pretrained_model_name_or_path: the base model, hub id or local diffusers folder.
+        pretrained_model_name_or_path: the base model, hub id or local diffusers folder, or a single-file checkpoint
+            (``.safetensors`` / ``.ckpt``; its architecture in ``single_file_config``).
         erased: the erased model: an export folder / ``rece_kv.safetensors``, or a RECEModule checkpoint. Required
             unless ``original_only``.
         original_only: evaluate the original model alone (``erased`` must then be ``null``).
@@ -98,6 +99,7 @@ class ErasureEvaluator(pl.LightningModule):
             sees in the export's ``erase_concepts`` (``red`` for an export that erased "red"), else all its classes.
         allow_other_base: apply ``erased`` even though it records another base model's K/V than this one's (a
             warning instead of the refusal).
+        single_file_config: a single-file base's architecture (a diffusers folder of configs and tokenizer).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class ErasureEvaluator(pl.LightningModule):
         attack: PromptAttack | None = None,
         allow_other_base: bool = False,
         erased_classes: list[str] | None = None,
+        single_file_config: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["fid_feature", "lpips_net", "scorer", "metrics", "attack"])
@@ -151,7 +154,7 @@ class ErasureEvaluator(pl.LightningModule):
                     "(NudeNet) or 'concept_asr' (the scorer)"
                 )
         self.attack = attack
-        family = diffusion.check_family(pretrained_model_name_or_path)
+        family = diffusion.check_family(pretrained_model_name_or_path, single_file_config)
         if attack is not None and family is not None:
             if not family.embedding_attacks:
                 raise ValueError(
@@ -245,7 +248,9 @@ class ErasureEvaluator(pl.LightningModule):
         device_type = self.trainer.strategy.root_device.type if self._trainer is not None else "cpu"
         self.dtype_name = hp.dtype if hp.dtype != "auto" else ("float16" if device_type == "cuda" else "float32")
         self.pipeline = diffusion.load_pipeline(
-            hp.pretrained_model_name_or_path, dtype=diffusion.resolve_dtype(self.dtype_name)
+            hp.pretrained_model_name_or_path,
+            dtype=diffusion.resolve_dtype(self.dtype_name),
+            single_file_config=hp.get("single_file_config"),
         )
         generation.use_scheduler(self.pipeline, hp.scheduler)
         original = {n: w.detach().clone() for n, w in diffusion.kv_weights(self.pipeline).items()}
