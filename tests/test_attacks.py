@@ -80,7 +80,9 @@ ATTACKS = {
 }
 
 
-@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "unlearndiff" else n for n in ATTACKS]
+)
 def test_each_attack_finds_the_concept_on_the_unerased_model(name, toy_model_dir, tmp_path):
     results = _evaluate(toy_model_dir, tmp_path / "out", _csv(tmp_path / "p.csv"), ATTACKS[name]())
     assert results["original"]["asr"]["prompts"] == len(RED_PROMPTS)
@@ -306,6 +308,7 @@ def test_two_processes_attack_every_prompt_exactly_once(toy_model_dir, uce_expor
         assert len(folders) == 1 and len(list(folders[0].glob("*.json"))) == len(RED_PROMPTS)
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_derived_embedding_attack_reads_another_methods_pipeline_folder(toy_model_dir, uce_export, tmp_path):
     """K/V edited by any method, saved as a plain diffusers pipeline: the attack needs only its K/V and the base's."""
     from rece_lightning.export import load_erased

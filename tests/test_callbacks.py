@@ -443,6 +443,7 @@ class CleanAt(ScriptedDetector):
         return [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [0, 0, 4, 4]}]
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_a_resumed_run_selects_and_exports_the_same_state_bit_for_bit(tiny_pipeline_dir, tmp_path):
     def run(root, max_epochs, ckpt_path=None):
         detector = CleanAt({1})

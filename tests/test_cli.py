@@ -253,6 +253,7 @@ def _on_toy_model(config: Path) -> bool:
     return _composed(config)["model"]["init_args"].get("pretrained_model_name_or_path") == "models/toyworld-sd"
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_every_config_instantiates_in_a_bare_clone_offline(
     tmp_path, monkeypatch, tiny_pipeline_dir, unedited_export, unedited_toy_export
 ):

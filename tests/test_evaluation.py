@@ -138,6 +138,7 @@ def _saved(output: Path, variant: str) -> tuple[list[np.ndarray], list[int]]:
     return [np.asarray(Image.open(p).convert("RGB")) for p in paths], [int(p.name.split("_")[0]) for p in paths]
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_original_and_erased_are_generated_once_per_prompt_and_scored(
     tiny_pipeline_dir, erased_export, tiny_clip, tmp_path, bright_nudenet
 ):
@@ -248,6 +249,7 @@ def test_nudenet_tally_matches_a_direct_count_over_the_saved_images(
     assert nonzero > 0  # compared where there is something to count
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_a_rerun_generates_only_the_missing_images_and_overwrites_nothing(
     tiny_pipeline_dir, erased_export, tmp_path, monkeypatch
 ):
@@ -280,6 +282,7 @@ def _count_generated(monkeypatch) -> list[str]:
     return generated
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_a_rerun_with_another_model_or_sampler_reuses_no_image(
     tiny_pipeline_dir, erased_export, unedited_export, tmp_path, monkeypatch
 ):

@@ -62,6 +62,7 @@ def _relative_errors_in_plain_diffusers(base: Path, lora: Path, expected: Path, 
     return {name: float(error) for _, name, error in lines}
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_plain_diffusers_loads_the_lora_and_reproduces_the_erased_kv(lora_fit, tiny_pipeline_dir):
     module, folder, expected = lora_fit
     names = [DIFFUSERS_LORA_NAME, KOHYA_LORA_NAME]

@@ -312,6 +312,7 @@ class _EveryState(pl.Callback):
         self.on_train_start(trainer, pl_module)
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_the_thin_branches_match_the_per_matrix_reference_at_non_default_settings(
     wide_pipeline_dir, tmp_path, monkeypatch
 ):

@@ -59,6 +59,7 @@ def test_a_hub_classifier_not_in_the_cache_is_checked_once_it_loads(monkeypatch)
     assert metric._index is None
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_the_evaluator_scores_objects_on_the_shipped_prompt_format(tiny_pipeline_dir, unedited_export, tmp_path):
     import lightning.pytorch as pl
 

@@ -129,6 +129,7 @@ def test_a_config_for_a_folder_base_and_a_missing_file_are_refused(toy_model_dir
         RECEModule(str(empty), single_file_config=str(tmp_path))
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_the_evaluator_takes_a_single_file_base(toy_single_file, toy_model_dir, tmp_path):
     import lightning.pytorch as pl
 

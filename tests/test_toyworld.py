@@ -42,6 +42,7 @@ def _words_of(phrases) -> set[str]:
     return {word for phrase in phrases for word in phrase.split()}
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_scenes_are_deterministic_and_captions_name_their_labels():
     first, again, other = sample(7, 3), sample(7, 3), sample(7, 4)
     np.testing.assert_array_equal(first.image, again.image)
@@ -229,6 +230,7 @@ def test_erasing_one_colour_lowers_its_rate_and_keeps_another(toy_model_dir, fre
     assert grey_after >= 0.2, grey_after
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detections(toy_model_dir, tmp_path):
     settings = {"num_images": 6, "height": 32, "width": 32, "guidance_scale": 5.0, **FAST}
     probe = ProbeSettings(**settings)
@@ -262,6 +264,7 @@ def test_selector_picks_the_first_state_whose_probes_are_clean_by_real_detection
             assert torch.equal(diffusion.kv_weights(pipeline_a.unet)[name], weight)
 
 
+@pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_evaluator_concept_counts_match_a_direct_count(toy_model_dir, tmp_path):
     trainer, module = fit_tiny(
         toy_model_dir, tmp_path / "fit", max_epochs=1, erase_concepts=["red"], guide_concepts=" "
