@@ -43,6 +43,16 @@ class ProbeSettings:
         if not isinstance(self.guidance_scale, (int, float)) or not np.isfinite(self.guidance_scale):
             raise ValueError(f"guidance_scale={self.guidance_scale!r} is not allowed: it must be a finite number")
 
+    def sampler(self) -> dict:
+        """The pipeline-call keywords of these settings (images as float numpy arrays)."""
+        return {
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "output_type": "np",
+        }
+
 
 def check_probe_settings(probe: ProbeSettings | None) -> ProbeSettings:
     """The callbacks' ``probe`` argument: a :class:`ProbeSettings` (default values if None)."""
@@ -104,12 +114,8 @@ def generate_probes(module, settings: ProbeSettings) -> Probes:
             embeds=batch[indices],
             pooled=None if pooled is None else pooled[indices],
             lengths=[lengths[i] for i in indices],
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            height=settings.height,
-            width=settings.width,
             generator=generators,
-            output_type="np",
+            **settings.sampler(),
         ).images
 
     # On several processes each generates its share of the rows and all get every image.
@@ -198,17 +204,7 @@ def generate_prompt_images(
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
             generators = [torch.Generator(device=pipeline.device).manual_seed(int(seeds[i])) for i in chunk]
-            images.append(
-                pipeline(
-                    [prompts[i] for i in chunk],
-                    num_inference_steps=settings.num_inference_steps,
-                    guidance_scale=settings.guidance_scale,
-                    height=settings.height,
-                    width=settings.width,
-                    generator=generators,
-                    output_type="np",
-                ).images
-            )
+            images.append(pipeline([prompts[i] for i in chunk], generator=generators, **settings.sampler()).images)
             progress.update(len(chunk))
         return np.concatenate(images)
 
