@@ -126,3 +126,26 @@ def test_loading_a_lora_folder_as_a_kv_export_says_how_to_apply_it(lora_fit):
     _, folder, _ = lora_fit
     with pytest.raises(ValueError, match=r"is a LoRA export: apply it with pipe.load_lora_weights"):
         read_erased(folder)
+
+
+@pytest.mark.slow  # a tiny SDXL pipeline built, erased and loaded twice: about 10 s
+def test_sdxl_loads_both_layouts_through_its_own_lora_loader(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from rece_lightning import diffusion, testing
+
+    folder = testing.build_tiny_pipeline(tmp_path / "xl", architecture="sdxl")
+    module = RECEModule(str(folder), export_format="lora", export_dir=str(tmp_path / "lora"))
+    module.attach_pipeline(diffusion.load_pipeline(str(folder)))
+    module.erase(1)
+    module.export(tmp_path / "lora")
+    for weight_name in (DIFFUSERS_LORA_NAME, KOHYA_LORA_NAME):
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(folder))
+        pipe.load_lora_weights(str(tmp_path / "lora"), weight_name=weight_name)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        state = pipe.unet.state_dict()
+        for name, value in module.kv_state().items():
+            assert float((state[name].double() - value.double()).norm() / value.double().norm()) <= 1e-6, name
+    with safe_open(str(tmp_path / "lora" / KOHYA_LORA_NAME), framework="pt") as handle:
+        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
