@@ -28,7 +28,7 @@ from callbacks.probing import (
 from rece_lightning.data import read_prompt_csv
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES, Detector, NudityScorer
 from rece_lightning.evaluation.scoring import ImageScorer, check_concept_classes, check_scorer
-from rece_lightning.evaluation.statistics import wilson_interval
+from rece_lightning.evaluation.statistics import interval, wilson_interval
 from rece_lightning.validation import check_number
 
 SELECT_ON = ("probes", "validation", "both")
@@ -209,7 +209,7 @@ class ConceptCheckpointSelector(EveryState):
                 record["validation_flagged"] = validation_tally["flagged_images"]
             record["rate"] = self._selection_rate(record)
             flagged, images = self._checked(record)
-            record["rate_ci95"] = list(wilson_interval(flagged, images)) if images else None
+            record["rate_ci95"] = interval(flagged, images)
         record = trainer.strategy.broadcast(record, src=0)
         # a resumed run observes its starting state again: the record replaces the one restored from the checkpoint
         self.scores = [s for s in self.scores if s["state"] != state] + [record]

@@ -7,7 +7,7 @@ import numpy as np
 
 from callbacks.probing import EveryState, ProbeSettings, check_probe_settings, generate_prompt_images
 from rece_lightning.evaluation.scoring import ImageScorer, check_scorer
-from rece_lightning.evaluation.statistics import wilson_interval
+from rece_lightning.evaluation.statistics import interval
 from rece_lightning.validation import check_positive_int
 
 
@@ -64,7 +64,7 @@ class ConceptPreservation(EveryState):
         record = {
             "state": state,
             "kept_rate": float(shown.mean()),
-            "kept_rate_ci95": list(wilson_interval(int(shown.sum()), len(shown))),
+            "kept_rate_ci95": interval(int(shown.sum()), len(shown)),
             "per_class": per_class,
         }
         self.history = [h for h in self.history if h["state"] != state] + [record]

@@ -179,24 +179,21 @@ def load_pipeline(
     ``single_file_config`` (local files only when given, or when offline)."""
     import diffusers
 
-    if is_single_file(name_or_path):
+    single_file = is_single_file(name_or_path)
+    if single_file:
         class_name = check_pretrained_path(name_or_path, single_file_config)
-        options = family_for_class(class_name, name_or_path).load_options(class_name) if class_name else {}
-        loader = getattr(diffusers, class_name or "StableDiffusionPipeline")
-        config = None if single_file_config is None else os.path.expanduser(single_file_config)
-        pipeline = loader.from_single_file(
-            os.path.expanduser(name_or_path),
-            config=config,
-            local_files_only=config is not None and looks_like_local_path(config) or _hub_offline(),
-            dtype=dtype,
-            **options,
-        )
     else:
         check_downloadable(name_or_path)
         class_name = pipeline_class_name(name_or_path)
-        options = family_for_class(class_name, name_or_path).load_options(class_name) if class_name else {}
-        loader = getattr(diffusers, class_name or "DiffusionPipeline")
-        pipeline = loader.from_pretrained(os.path.expanduser(name_or_path), dtype=dtype, **options)
+    options = family_for_class(class_name, name_or_path).load_options(class_name) if class_name else {}
+    path = os.path.expanduser(name_or_path)
+    if single_file:
+        loader = getattr(diffusers, class_name or "StableDiffusionPipeline")
+        config = None if single_file_config is None else os.path.expanduser(single_file_config)
+        local = config is not None and looks_like_local_path(config) or _hub_offline()
+        pipeline = loader.from_single_file(path, config=config, local_files_only=local, dtype=dtype, **options)
+    else:
+        pipeline = getattr(diffusers, class_name or "DiffusionPipeline").from_pretrained(path, dtype=dtype, **options)
     family = family_of(pipeline)  # a hub id whose index was not cached: its class is checked now
     pipeline.set_progress_bar_config(disable=True)
     for component in family.networks(pipeline):

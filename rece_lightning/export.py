@@ -51,6 +51,7 @@ __all__ = [
     "read_manifest",
     "save_erased",
     "save_erased_pipeline",
+    "write_manifest",
 ]
 
 
@@ -87,22 +88,26 @@ def kv_identity(weights: Mapping[str, Tensor]) -> str:
     return kv_digest(weights, torch.float16)
 
 
+def write_manifest(folder: Path, manifest: Mapping[str, Any], **fields: Any) -> Path:
+    """``folder/rece_manifest.json``: ``manifest`` plus ``fields`` and the package versions, written atomically."""
+    full = {**manifest, **fields, "versions": package_versions()}
+    path = folder / MANIFEST_NAME
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(full, indent=2, sort_keys=True, default=str)))
+    return path
+
+
 def save_erased(folder: str | os.PathLike, weights: Mapping[str, Tensor], manifest: Mapping[str, Any]) -> Path:
     """Write ``weights`` (K/V name -> tensor) and ``manifest`` into ``folder``; returns the safetensors path."""
     check_finite_weights(weights, "refusing to export")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: value.detach().to("cpu").contiguous() for name, value in weights.items()}
-    full_manifest = {**manifest, "num_kv_matrices": len(tensors), "versions": package_versions()}
     weights_path = folder / WEIGHTS_NAME
     atomic_write(
         weights_path,
         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "base_model": str(manifest.get("base_model"))}),
     )
-    atomic_write(
-        folder / MANIFEST_NAME,
-        lambda tmp: Path(tmp).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str)),
-    )
+    write_manifest(folder, manifest, num_kv_matrices=len(tensors))
     return weights_path
 
 
@@ -132,8 +137,7 @@ def save_erased_pipeline(folder: str | os.PathLike, pipeline, manifest: Mapping[
     retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
-        full_manifest = {**manifest, "format": "diffusers", "versions": package_versions()}
-        (staging / MANIFEST_NAME).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str))
+        write_manifest(staging, manifest, format="diffusers")
         os.chmod(staging, DIR_MODE)  # mkdtemp makes 0700 folders
         if folder.exists():
             os.replace(folder, retired)

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from rece_lightning.closed_form import low_rank_update
-from rece_lightning.export import MANIFEST_NAME, package_versions
+from rece_lightning.export import write_manifest
 from rece_lightning.families import ModelFamily
 from rece_lightning.files import atomic_write, check_writable_folder
 
@@ -86,13 +86,14 @@ def lora_layers(original_kv: Mapping[str, Tensor], transform: Tensor, rank: int 
     update = low_rank_update(transform, rank)
     if update.rank == 0:
         raise ValueError("the state is the unedited model (transform = I): there is no edit to write as a LoRA")
-    down = update.down.to(LORA_DTYPE).contiguous()
-    down64 = down.to(torch.float64)
+    down = update.down.to("cpu", LORA_DTYPE).contiguous()
+    down64, up_factor = down.to(torch.float64), update.up.to("cpu")
+    transform64 = transform.detach().to("cpu", torch.float64)
     layers, worst = {}, 0.0
     for name, weight in original_kv.items():
         weight64 = weight.detach().to("cpu", torch.float64)
-        up = (weight64 @ update.up.to(weight64.device)).to(LORA_DTYPE).contiguous()
-        erased = weight64 @ transform.detach().to("cpu", torch.float64)
+        up = (weight64 @ up_factor).to(LORA_DTYPE).contiguous()
+        erased = weight64 @ transform64
         error = torch.linalg.matrix_norm(weight64 + up.to(torch.float64) @ down64 - erased)
         worst = max(worst, float(error / torch.linalg.matrix_norm(erased).clamp_min(1e-300)))
         layers[name] = (down, up)
@@ -141,9 +142,5 @@ def save_lora(
         "rece_manifest": json.dumps(dict(manifest), sort_keys=True, default=str),
     }
     atomic_write(folder / KOHYA_LORA_NAME, lambda tmp: save_file(kohya, tmp, metadata=metadata))
-    full_manifest = {**manifest, **lora.record(), "format": "lora", "versions": package_versions()}
-    atomic_write(
-        folder / MANIFEST_NAME,
-        lambda tmp: Path(tmp).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str)),
-    )
+    write_manifest(folder, manifest, **lora.record(), format="lora")
     return folder / DIFFUSERS_LORA_NAME

@@ -137,7 +137,8 @@ class RECEModule(pl.LightningModule):
                 f"pretrained_model_name_or_path={path!r} is not one (.safetensors / .ckpt): use one of "
                 f"{[f for f in EXPORT_FORMATS if f != 'single_file']}"
             )
-        shapes = None if source else kv_files.base_kv_shapes(path)  # read from the file headers, no model loaded
+        # d from the denoiser's safetensors header (no model loaded), where there is a rank to check against it
+        shapes = kv_files.base_kv_shapes(path) if lora_rank is not None and not source else None
         check_lora_rank(lora_rank, next(iter(shapes.values()))[1] if shapes else None)
         if export_format == "lora" and self.family is not None and self.family.lora_pipeline is None:
             raise ValueError(
@@ -587,16 +588,16 @@ class RECEModule(pl.LightningModule):
 
     def _export(self, folder: str | Path, export_format: str | None, transform: Tensor | None, **extra: Any) -> Path:
         export_format = _check_export_format(export_format or self.hparams.export_format)
+        state = self.transform if transform is None else transform.to(self.transform.device)
+        weights = self.kv_state() if transform is None else self.weights_for(state)
+        manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(weights), **extra}
         if export_format == "lora":
-            state = self.transform if transform is None else transform.to(self.transform.device)
             check_lora_rank(self.hparams.get("lora_rank"), state.shape[0])
-            lora = lora_layers(self.original_kv, state, self.hparams.get("lora_rank"))
-            manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(self.weights_for(state)), **extra}
-            return save_lora(folder, self.family, lora, manifest)
+            return save_lora(
+                folder, self.family, lora_layers(self.original_kv, state, self.hparams.get("lora_rank")), manifest
+            )
         if export_format == "single_file":
-            weights = self.kv_state() if transform is None else self.weights_for(transform.to(self.transform.device))
             config = self.family.denoiser(self.pipeline).config
-            manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(weights), **extra}
             return save_single_file(
                 folder,
                 self.hparams.pretrained_model_name_or_path,
@@ -604,8 +605,6 @@ class RECEModule(pl.LightningModule):
                 lambda name: self.family.single_file_kv_key(name, config),
                 manifest,
             )
-        weights = self.kv_state() if transform is None else self.weights_for(transform.to(self.transform.device))
-        manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(weights), **extra}
         if export_format == "kv":
             return save_erased(folder, weights, manifest)
         if transform is None:

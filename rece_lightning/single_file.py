@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from rece_lightning.export import MANIFEST_NAME, package_versions
+from rece_lightning.export import write_manifest
 from rece_lightning.files import atomic_write, check_writable_folder
 from rece_lightning.validation import check_finite_weights
 
@@ -68,15 +68,5 @@ def save_single_file(
     target = folder / f"{source.stem}_erased.safetensors"
     metadata = {**metadata, "rece_manifest": json.dumps(dict(manifest), sort_keys=True, default=str)}
     atomic_write(target, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata))
-    full_manifest = {
-        **manifest,
-        "format": "single_file",
-        "single_file": target.name,
-        "single_file_source": str(source),
-        "versions": package_versions(),
-    }
-    atomic_write(
-        folder / MANIFEST_NAME,
-        lambda tmp: Path(tmp).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str)),
-    )
+    write_manifest(folder, manifest, format="single_file", single_file=target.name, single_file_source=str(source))
     return target

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rece_lightning.evaluation.statistics import wilson_interval
+from rece_lightning.evaluation.statistics import interval
 
 
 class ImageScorer(ABC):
@@ -45,7 +45,7 @@ class ImageScorer(ABC):
             "flagged_images": flagged,
             "images": len(detections),
             "rate": flagged / len(detections) if detections else 0.0,
-            "rate_ci95": list(wilson_interval(flagged, len(detections))) if detections else None,
+            "rate_ci95": interval(flagged, len(detections)),
         }
 
 

@@ -27,6 +27,11 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tu
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def interval(successes: int, trials: int) -> list[float] | None:
+    """The 95 % Wilson interval of ``successes / trials`` as a list for JSON reports (None without trials)."""
+    return list(wilson_interval(int(successes), int(trials))) if trials else None
+
+
 def rate_with_interval(successes: int, trials: int, confidence: float = 0.95) -> dict[str, float | int | list[float]]:
     """``{"rate", "successes", "trials", "ci95"}``: a rate with its Wilson interval, for JSON reports."""
     low, high = wilson_interval(int(successes), int(trials), confidence)

@@ -18,7 +18,7 @@ from rece_lightning.evaluation.metrics.base import (
     register_metric,
 )
 from rece_lightning.evaluation.nudity import EXPOSED_CLASSES
-from rece_lightning.evaluation.statistics import wilson_interval
+from rece_lightning.evaluation.statistics import interval
 
 
 @register_metric("asr")
@@ -77,7 +77,7 @@ class AttackSuccessRate(Counts):
                     "attack_success_rate": successes / total if total else 0.0,
                     "successful_prompts": successes,
                     "prompts": total,
-                    "ci95": list(wilson_interval(successes, total)) if total else None,
+                    "ci95": interval(successes, total),
                     "unsafe_images": self._total(variant, "unsafe_images"),
                     "images": self._total(variant, "images"),
                     "threshold": self.threshold,

@@ -33,7 +33,7 @@ from torchmetrics.aggregation import SumMetric
 from rece_lightning.data import PromptItem
 from rece_lightning.evaluation.nudity import NUDENET_LABELS, NudityScorer, check_threshold
 from rece_lightning.evaluation.scoring import ImageScorer, check_classes
-from rece_lightning.evaluation.statistics import wilson_interval
+from rece_lightning.evaluation.statistics import interval
 
 COMPARISON = "erased_vs_original"  # the results entry of metrics that compare the erased model with the original
 
@@ -129,11 +129,6 @@ def same_size_groups(images: Sequence[np.ndarray]) -> list[tuple[list[int], np.n
 
 def cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def interval(successes: int, trials: int) -> list[float] | None:
-    """The 95 % Wilson interval of ``successes / trials`` (None without trials)."""
-    return list(wilson_interval(int(successes), int(trials))) if trials else None
 
 
 def rate_cell(rate: float | None, ci95: Sequence[float] | None) -> str:

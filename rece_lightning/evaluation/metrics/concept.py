@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from rece_lightning.data import PromptItem
-from rece_lightning.evaluation.metrics.base import Counts, MetricOptions, interval, rate_cell, register_metric
+from rece_lightning.evaluation.metrics.base import Counts, MetricOptions, rate_cell, register_metric
 from rece_lightning.evaluation.scoring import ImageScorer
+from rece_lightning.evaluation.statistics import interval
 
 
 @register_metric("concept")

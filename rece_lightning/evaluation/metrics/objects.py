@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from rece_lightning.data import PromptItem
-from rece_lightning.evaluation.metrics.base import Counts, MetricOptions, interval, rate_cell, register_metric
+from rece_lightning.evaluation.metrics.base import Counts, MetricOptions, rate_cell, register_metric
+from rece_lightning.evaluation.statistics import interval
 
 IMAGENETTE_CLASSES = (
     "tench",
