@@ -33,6 +33,11 @@ def markdown_table(results: dict, columns: Sequence[Column]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _prompt_set_name(info: dict) -> str:
+    """The evaluated prompt set's file stem (``i2p`` for ``.../i2p.csv``): names kept results and card entries."""
+    return Path(str(info.get("prompts", {}).get("prompts_csv") or "prompts")).stem or "prompts"
+
+
 def write_reports(folder: Path, results: dict, info: dict, columns: Sequence[Column]) -> tuple[Path, Path]:
     """``results.json`` (every number) and ``results.md`` (the table) in ``folder``: the latest evaluation there.
 
@@ -46,7 +51,7 @@ def write_reports(folder: Path, results: dict, info: dict, columns: Sequence[Col
     said = f"{protocol_line(info['protocol'])}\n\n" if info.get("protocol") else ""
     table = title + said + markdown_table(results, columns)
     identity = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    stem = Path(str(info.get("prompts", {}).get("prompts_csv") or "prompts")).stem or "prompts"
+    stem = _prompt_set_name(info)
     kept = folder / "results" / f"{stem}-{identity}"
     kept.parent.mkdir(exist_ok=True)
     json_path, markdown_path = folder / "results.json", folder / "results.md"
@@ -66,7 +71,7 @@ def add_to_model_card(erased: str | None, results: dict, columns: Sequence[Colum
     folder = folder if folder.is_dir() else folder.parent
     if not (folder / MANIFEST_NAME).is_file():
         return None
-    stem = Path(str(info.get("prompts", {}).get("prompts_csv") or "prompts")).stem or "prompts"
+    stem = _prompt_set_name(info)
     line = protocol_line(info["protocol"]) if info.get("protocol") else None
     return add_results(folder, stem, markdown_table(results, columns), line)
 
