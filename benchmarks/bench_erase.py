@@ -15,7 +15,8 @@ Prints one JSON object. Times (``min`` / ``median`` seconds over repetitions):
   * ``straightforward``: the same algorithm written as the reference code does (``straightforward_rece.py``); left out
     by ``--skip-compare`` (it takes ~100 s for one concept on SD-1.4 shapes, and grows with N x layers^2).
 Agreement in float64: with the per-matrix closed form (``erase_closed_form`` / ``derive_embedding`` on every K/V
-matrix, no shared-transform algebra) at every N on SD-1.4 shapes, and with the straightforward run where it runs.
+matrix, no shared-transform algebra) at every N on SD-1.4 shapes, and with the straightforward run where it runs;
+and how far the float32 model's erasure (G and the writes multiplied in float32 on CPUs) is from the float64 one.
 Memory: the erasure's peak beyond the loaded model (CPU: resident set size; CUDA: allocated).
 Where the time goes: ``phases_cold`` / ``phases_warm``, one more cold and warm erasure with each phase timed (the
 hash of the base K/V, G, the text encoding, each Eq. 3 edit, each Eq. 8 derivation, the write into the U-Net, and
@@ -170,7 +171,7 @@ class PhaseClock:
     """Times the erasure's phases by wrapping the functions that do them, for one erasure at a time."""
 
     TARGETS = (
-        ("hash", base_cache, "kv_digest"),
+        ("hash", base_cache, "kv_fingerprint"),
         ("gram", closed_form, "gram_matrix"),
         ("encoding", families.ModelFamily, "encode"),
         ("edit", RECEModule, "edit"),
@@ -337,7 +338,7 @@ def main() -> None:
     cold_dirs = iter(range(10**6))
 
     def cold() -> None:
-        base_cache._MEMORY.clear()
+        base_cache.clear_memory()
         erase(cache_root / f"cold-{next(cold_dirs)}")
 
     # Memory first, on a fresh state, before any timing warms caches.
@@ -365,7 +366,7 @@ def main() -> None:
     warm_times = timed(lambda: erase(warm_dir), device, args.reps, reset=restore)
 
     def disk_only() -> None:
-        base_cache._MEMORY.clear()
+        base_cache.clear_memory()
         erase(warm_dir)
 
     disk_times = timed(disk_only, device, 1, reset=restore)
@@ -378,6 +379,8 @@ def main() -> None:
             run()
             synchronize(device)
         phases[kind] = clock.report()
+    # The model-dtype erasure just made (float32 products for G and the writes on CPUs), to set against float64's.
+    model_dtype_weights = {name: w.detach().clone() for name, w in diffusion.kv_weights(pipeline.unet).items()}
 
     step = unet_step(pipeline, device, dtype)
     with torch.no_grad():
@@ -429,6 +432,9 @@ def main() -> None:
         module = erase(cache_root / "float64", kind="float64")
         fast_weights = {name: w.clone() for name, w in module.kv_state().items()}
         reference = per_matrix_reference(module, concepts, args.epochs)
+        result[f"max_relative_difference_{dtype_name}_model_vs_float64"] = relative_difference(
+            model_dtype_weights, fast_weights
+        )
         result["max_relative_difference_per_matrix_float64"] = relative_difference(fast_weights, reference)
         # The same reference with the encodings moved by ~1e-15 (relative): the floor of any float64 agreement.
         result["reference_sensitivity_float64"] = relative_difference(

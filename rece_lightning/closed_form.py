@@ -38,6 +38,7 @@ from rece_lightning.validation import check_non_negative, check_number, check_po
 
 __all__ = [
     "SharedState",
+    "Workspace",
     "apply_transform",
     "derive_embedding",
     "derive_embedding_from_state",
@@ -68,9 +69,13 @@ def _rows(name: str, tensors: Sequence[Tensor] | None, dim: int | None, device: 
     return torch.cat(parts)
 
 
-def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
-    """Solve ``matrix @ x = rhs`` for a symmetric positive-definite ``matrix`` (Cholesky; LU if it is not PD)."""
-    factor, info = torch.linalg.cholesky_ex(matrix)
+def _spd_solve(matrix: Tensor, rhs: Tensor, factor: Tensor | None = None) -> Tensor:
+    """Solve ``matrix @ x = rhs`` for a symmetric positive-definite ``matrix`` (Cholesky; LU if it is not PD);
+    ``factor``: a tensor of ``matrix``'s shape to hold the Cholesky factor instead of a fresh one."""
+    if factor is None:
+        factor, info = torch.linalg.cholesky_ex(matrix)
+    else:
+        info = torch.linalg.cholesky_ex(matrix, out=(factor, torch.empty((), dtype=torch.int32, device=factor.device)))[1]
     if int(info) == 0:
         return torch.cholesky_solve(rhs, factor)
     return torch.linalg.solve(matrix, rhs)
@@ -260,6 +265,29 @@ class SharedState:
         return cls(transform, _symmetric(transform.T @ (gram @ transform)))
 
 
+@dataclass(frozen=True)
+class Workspace:
+    """Preallocated d x d float64 buffers that :func:`replace_edit` and :func:`derive_embedding_from_state` write into
+    instead of fresh tensors.
+
+    A run of edits allocates the same few d x d matrices again and again; on CPUs the allocator hands each back to the
+    system and every new one costs its page faults (1,150 for d = 768), which measured as much as the arithmetic of a
+    thin edit. A state returned into a workspace lives in its buffers: copy it out before the next call that uses them.
+    """
+
+    transform: Tensor
+    hessian: Tensor
+    scratch: Tensor
+    factor: Tensor
+
+    @classmethod
+    def for_dim(cls, dim: int, device: torch.device | str | None = None) -> Workspace:
+        return cls(*(torch.empty(dim, dim, dtype=_SOLVE_DTYPE, device=device) for _ in range(4)))
+
+    def fits(self, matrix: Tensor) -> bool:
+        return self.transform.shape == matrix.shape and self.transform.device == matrix.device
+
+
 def _symmetric(matrix: Tensor) -> Tensor:
     # M^T G M is symmetric in exact arithmetic; keep it exactly so, whatever order the products summed in.
     return torch.add(matrix, matrix.T).mul_(0.5)
@@ -276,32 +304,46 @@ def replace_edit(
     erase_scale: float = 1.0,
     preserve_scale: float = 0.1,
     null_space: Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> SharedState:
     """The state after one more Eq. 3 edit, ``transform @ replace_transform(...)`` (``null_space``: hard
-    preservation, :func:`null_space_basis`).
+    preservation, :func:`null_space_basis`; ``workspace``: write the new transform and hessian into its buffers).
 
     Few rows: rank-T updates. With ``X = I + s D^T Z^T`` (see ``_EditSolution``) and ``A = s M D^T`` (d x T): the new
-    transform is ``M + A Z^T`` and the new hessian ``H + R Z^T + Z R^T + Z (A^T G A) Z^T`` with ``R = M^T G A``.
-    Many rows (T >= d): ``M X`` and ``X^T H X`` with the dense X.
+    transform is ``M + A Z^T`` and the new hessian ``H + K + K^T`` with ``K = Z R^T``, ``R = M^T G A + Z (A^T G A) / 2``
+    (exactly symmetric as summed). Many rows (T >= d): ``M X`` and ``X^T H X`` with the dense X.
     """
     edit = _solve_edit(erase, targets, preserve, lamb, erase_scale, preserve_scale, null_space)
     device = (edit.dense if edit.dense is not None else edit.difference).device
     gram = gram.to(device=device, dtype=_SOLVE_DTYPE)
     transform = state.transform.to(device=device, dtype=_SOLVE_DTYPE)
     hessian = state.hessian.to(device=device, dtype=_SOLVE_DTYPE)
+    if workspace is not None:
+        if not workspace.fits(transform):
+            raise ValueError(
+                f"the workspace holds {tuple(workspace.transform.shape)} buffers on {workspace.transform.device}; "
+                f"this state is {tuple(transform.shape)} on {transform.device}"
+            )
+        if {workspace.transform.data_ptr(), workspace.hessian.data_ptr()} & {transform.data_ptr(), hessian.data_ptr()}:
+            raise ValueError("the workspace holds the state it would edit: give the edit a state of its own buffers")
     if edit.dense is not None:
-        return SharedState(transform=transform @ edit.dense, hessian=_symmetric(edit.dense.T @ (hessian @ edit.dense)))
+        new_transform, new_hessian = transform @ edit.dense, _symmetric(edit.dense.T @ (hessian @ edit.dense))
+        if workspace is None:
+            return SharedState(new_transform, new_hessian)
+        return SharedState(workspace.transform.copy_(new_transform), workspace.hessian.copy_(new_hessian))
     difference, solved = edit.difference, edit.solved
     # X = I + s D^T Z^T, so M X = M + (s M D^T) Z^T: only products with T columns.
     shift = (transform @ difference.T).mul_(erase_scale)  # (d, T)
     gram_shift = gram @ shift  # (d, T)
     cross = (transform.T @ gram_shift).addmm_(solved, shift.T @ gram_shift, alpha=0.5)  # (d, T)
-    hessian = torch.addmm(hessian, cross, solved.T).addmm_(solved, cross.T)
+    outer = torch.mm(solved, cross.T, out=None if workspace is None else workspace.scratch)  # K = Z R^T
+    new_hessian = torch.add(outer, outer.T, out=None if workspace is None else workspace.hessian).add_(hessian)
+    new_transform = torch.addmm(transform, shift, solved.T, out=None if workspace is None else workspace.transform)
     left = right = None
     if state.left is not None and state.left.shape[1] + shift.shape[1] < transform.shape[0] // 2:
         left = torch.cat([state.left.to(shift), shift], dim=1)
         right = torch.cat([state.right.to(solved), solved], dim=1)
-    return SharedState(torch.addmm(transform, shift, solved.T), _symmetric(hessian), left, right)
+    return SharedState(new_transform, new_hessian, left, right)
 
 
 def erase_closed_form(
@@ -410,20 +452,32 @@ def low_rank_update(transform: Tensor, rank: int | None = None, rtol: float = 1e
 def gram_matrix(weights: Sequence[Tensor], block: int = 256) -> Tensor:
     """``G = sum_i W_i^T W_i`` in float64 (the only statistic of the original weights that Eq. 8 needs).
 
-    Only the block-upper triangle is multiplied (G is symmetric), a third fewer flops than full products for d = 768,
-    then mirrored, so G is exactly symmetric.
+    Each matrix's product runs in :func:`product_dtype` (float32 for float32 / float16 weights on CPUs: half the time
+    of float64 products, within ~1e-7 of them relative to ``||G||``, and well inside the ~1e-6 of the float32 K/V
+    writes; float64 for float64 weights and on GPUs) and the sum over matrices in float64. Only the block-upper
+    triangle is multiplied (G is symmetric): for d = 768, a third fewer flops than full products; then mirrored, so G
+    is exactly symmetric.
     """
     if not weights:
         raise ValueError("weights is empty: give at least one (d_out, d) matrix")
     device = weights[0].device
     dim = weights[0].shape[1]
     gram = torch.zeros(dim, dim, dtype=_SOLVE_DTYPE, device=device)
-    buffer = torch.empty(max(w.shape[0] for w in weights), dim, dtype=_SOLVE_DTYPE, device=device)  # one allocation
+    buffers: dict[torch.dtype, Tensor] = {}  # one conversion buffer per product dtype, for weights not already in it
+    rows_needed = max(w.shape[0] for w in weights)
     for weight in weights:
-        as_float64 = buffer[: weight.shape[0]].copy_(weight)
+        dtype = product_dtype(weight)
+        rows = weight
+        if weight.dtype != dtype:
+            if dtype not in buffers:
+                buffers[dtype] = torch.empty(rows_needed, dim, dtype=dtype, device=device)
+            rows = buffers[dtype][: weight.shape[0]].copy_(weight)
         for start in range(0, dim, block):
-            rows = as_float64[:, start : start + block]
-            gram[start : start + block, start:].addmm_(rows.T, as_float64[:, start:])
+            columns = rows[:, start : start + block]
+            if dtype == _SOLVE_DTYPE:
+                gram[start : start + block, start:].addmm_(columns.T, rows[:, start:])
+            else:  # the float32 product of one matrix, summed into G in float64
+                gram[start : start + block, start:] += columns.T @ rows[:, start:]
     return torch.triu(gram) + torch.triu(gram, 1).T
 
 
@@ -459,22 +513,29 @@ def derive_embedding(
     return derived.reshape(concept.shape).to(device=concept.device, dtype=concept.dtype)
 
 
-def derive_embedding_from_state(state: SharedState, gram: Tensor, concept: Tensor, *, reg: float = 0.1) -> Tensor:
+def derive_embedding_from_state(
+    state: SharedState, gram: Tensor, concept: Tensor, *, reg: float = 0.1, workspace: Workspace | None = None
+) -> Tensor:
     """Eq. 8 when every edited matrix is ``W_orig @ state.transform``: needs only ``gram = sum W_orig^T W_orig``.
 
     ``(reg I + M^T G M)^-1 (M^T G) c``. Few rows: ``M^T (G c)``, thin products only. As many rows as d or more (many
     concepts at once): the d x d map ``(reg I + M^T G M)^-1 M^T G`` once, then one product with all rows.
+    ``workspace``: its ``scratch`` and ``factor`` buffers hold the regularised hessian and its Cholesky factor.
     """
     check_positive("reg", reg)
     gram = gram.to(_SOLVE_DTYPE)
     transform = state.transform.to(device=gram.device, dtype=_SOLVE_DTYPE)
-    hessian = state.hessian.to(device=gram.device, dtype=_SOLVE_DTYPE).clone()
+    hessian = state.hessian.to(device=gram.device, dtype=_SOLVE_DTYPE)
+    if workspace is not None and workspace.fits(hessian) and workspace.scratch.data_ptr() != hessian.data_ptr():
+        hessian, factor = workspace.scratch.copy_(hessian), workspace.factor
+    else:
+        hessian, factor = hessian.clone(), None
     hessian.diagonal().add_(reg)
     rows = concept.reshape(-1, concept.shape[-1]).to(device=gram.device, dtype=_SOLVE_DTYPE)
     if rows.shape[0] >= rows.shape[1]:
-        derived = rows @ _spd_solve(hessian, transform.T @ gram).T
+        derived = rows @ _spd_solve(hessian, transform.T @ gram, factor).T
     else:
-        derived = _spd_solve(hessian, transform.T @ (gram @ rows.T)).T
+        derived = _spd_solve(hessian, transform.T @ (gram @ rows.T), factor).T
     return derived.reshape(concept.shape).to(device=concept.device, dtype=concept.dtype)
 
 

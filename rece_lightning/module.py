@@ -49,7 +49,7 @@ from rece_lightning.methods import RECE, ErasureMethod, from_spec
 from rece_lightning.model_card import check_repo_id, push_to_hub, write_model_card
 from rece_lightning.precision import check_trainer_precision
 from rece_lightning.single_file import save_single_file
-from rece_lightning.validation import check_choice
+from rece_lightning.validation import all_finite, check_choice
 
 __all__ = ["RECEModule"]
 
@@ -158,6 +158,7 @@ class RECEModule(pl.LightningModule):
         self.automatic_optimization = False
         self.pipeline = None  # a diffusers pipeline, not an nn.Module: it stays out of state_dict and checkpoints
         self.original_kv: dict[str, Tensor] = {}
+        self._workspace: closed_form.Workspace | None = None
         self._embeddings: dict[str, EncodedPrompt] = {}
         self.base_cache: BaseModelCache | None = None
         self._derived: tuple[int, dict[str, Tensor]] | None = None
@@ -244,11 +245,14 @@ class RECEModule(pl.LightningModule):
         self._base_identity = None
         # The base K/V are the parameters' own tensors until the first write gives the parameters storage of their
         # own (_write): no copy of all K/V up front (77 MB on SD 1.4, the largest share of a warm erasure's time).
-        self.original_kv = {name: w.detach() for name, w in diffusion.kv_weights(pipeline).items()}
+        # A copy an earlier module on the same base kept stands in for them, and the parameters are written in place.
+        live = {name: w.detach() for name, w in diffusion.kv_weights(pipeline).items()}
+        self.base_cache = BaseModelCache(live, self.hparams.cache_dir)
+        self.original_kv = self.base_cache.base_weights(live) or live
         device = next(iter(self.original_kv.values())).device
-        self.base_cache = BaseModelCache(self.original_kv, self.hparams.cache_dir)
         gram = self.base_cache.gram(lambda: closed_form.gram_matrix(list(self.original_kv.values()))).to(device).clone()
         self.register_buffer("gram", gram, persistent=False)  # a property of the base model, recomputed on load
+        self._workspace = closed_form.Workspace.for_dim(gram.shape[0], device)  # the edits' d x d buffers, reused
         if self._loaded_state:
             self._loaded_state = False
             if self.transform.shape != gram.shape:
@@ -383,7 +387,9 @@ class RECEModule(pl.LightningModule):
             # All concepts in one solve (one factorisation of the d x d system, however many concepts); kept in
             # float64: c' is erased next, and rounding it to the encoder's dtype costs ~1e-6.
             stacked = torch.stack([e.embedding for e in self.encoded(list(concepts.erase))]).to(torch.float64)
-            solved = closed_form.derive_embedding_from_state(state_now, self.gram, stacked, reg=reg)
+            solved = closed_form.derive_embedding_from_state(
+                state_now, self.gram, stacked, reg=reg, workspace=self._workspace_for(self.transform)
+            )
             derived = dict(zip(concepts.erase, solved.unbind(0), strict=True))
             self._derived = (key, derived)
         return {name: self._derived[1][name] for name in concepts.erase}
@@ -456,14 +462,17 @@ class RECEModule(pl.LightningModule):
             erase_scale=erase_scale,
             preserve_scale=preserve_scale,
             null_space=null_space,
+            workspace=self._workspace_for(self.transform),
         )
-        if not (torch.isfinite(edited.transform).all() and torch.isfinite(edited.hessian).all()):
+        if not (all_finite(edited.transform) and all_finite(edited.hessian)):
             raise FloatingPointError(
                 f"{self.method.name} edit {int(self.edits_applied)} gives a non-finite transform; lower erase_scale or "
                 "raise lamb. "
                 "The run stops and nothing is exported."
             )
-        change = torch.linalg.matrix_norm(edited.transform - self.transform) / torch.linalg.matrix_norm(self.transform)
+        scratch = self._workspace_for(self.transform)
+        difference = torch.sub(edited.transform, self.transform, out=None if scratch is None else scratch.scratch)
+        change = torch.linalg.matrix_norm(difference) / torch.linalg.matrix_norm(self.transform)
         if float(change) < NEGLIGIBLE_EDIT:
             rank_zero_warn(
                 f"{self.method.name} edit {int(self.edits_applied)} changes the K/V by {float(change):.1e} "
@@ -501,6 +510,15 @@ class RECEModule(pl.LightningModule):
                 "was made from"
             )
 
+    def _workspace_for(self, state: Tensor) -> closed_form.Workspace | None:
+        """The edits' reusable d x d buffers, moved to ``state``'s device when the module moved (``None``: none yet)."""
+        workspace = self._workspace
+        if workspace is None:
+            return None
+        if not workspace.fits(state):
+            self._workspace = workspace = closed_form.Workspace.for_dim(state.shape[0], state.device)
+        return workspace
+
     def _current_factors(self) -> tuple[Tensor | None, Tensor | None]:
         """The low-rank factors of the current transform, if they are known for this very state."""
         if self._factors is None or self._factors[0] != int(self.edits_applied):
@@ -523,6 +541,7 @@ class RECEModule(pl.LightningModule):
         live = self.kv_state()
         converted: dict[tuple, tuple] = {}  # the transform in each (device, dtype) the products run in, made once
         written = []
+        gave_storage = False
         for name, original in self.original_kv.items():
             key = (original.device, closed_form.product_dtype(original))
             if key not in converted:
@@ -531,9 +550,10 @@ class RECEModule(pl.LightningModule):
                 )
             if live[name].data_ptr() == original.data_ptr():  # still the base weights: never overwrite those
                 live[name].data = torch.empty_like(original)
+                gave_storage = True
             # straight into the parameter's storage (float16 weights: through a float32 product and one copy)
             weight = closed_form.apply_transform(original, *converted[key], out=live[name])
-            if not torch.isfinite(weight).all():
+            if not all_finite(weight):
                 for done in (*written, name):
                     live[done].copy_(closed_form.apply_transform(self.original_kv[done], previous))
                 raise FloatingPointError(
@@ -542,6 +562,8 @@ class RECEModule(pl.LightningModule):
                     f"{name!r}; lower erase_scale or raise lamb. The run stops and nothing is exported."
                 )
             written.append(name)
+        if self.base_cache is not None and gave_storage:  # the base K/V now live in storage no module writes
+            self.base_cache.keep_base_weights(self.original_kv)
 
     # --- what callbacks and users read ---------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -73,9 +74,18 @@ class NonFiniteError(FloatingPointError, ValueError):
     (``ValueError``) at once, so that callers of either kind catch it."""
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN or inf: its min and max in one pass (NaN propagates through both), ~20x faster
+    on CPUs than ``isfinite().all()``, which builds a mask the tensor's size (0.4 s for SDXL's 1.4 GB of K/V)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def check_finite_weights(weights: Mapping[str, Tensor], what: str) -> None:
     """Refuse tensors holding NaN or inf, naming the first that do; ``what`` says whose they are and what is refused
     (a non-finite export would score as perfect erasure)."""
-    bad = [name for name, value in weights.items() if not bool(value.isfinite().all())]
+    bad = [name for name, value in weights.items() if not all_finite(value)]
     if bad:
         raise NonFiniteError(f"{what}: {bad[:3]} hold NaN or inf values")

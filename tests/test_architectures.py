@@ -200,13 +200,13 @@ def test_gram_and_encodings_are_reused_from_memory_and_from_disk(tiny_pipeline_d
         diffusion.write_kv_weights(pipeline.unet, module.original_kv)  # back to the base model for the next run
         return module, weights
 
-    base_cache._MEMORY.clear()
+    base_cache.clear_memory()
     cold, cold_weights = erased(0.1)
     assert cold.base_cache.hits["gram"] == "computed" and sum(calls, []) == ["nudity", " "]
     encoder_calls = len(calls)
     warm, warm_weights = erased(0.1)
     assert warm.base_cache.hits["gram"] == "memory" and len(calls) == encoder_calls
-    base_cache._MEMORY.clear()  # a new process: only the disk is left
+    base_cache.clear_memory()  # a new process: only the disk is left
     from_disk, disk_weights = erased(0.1)
     assert from_disk.base_cache.hits == {"gram": "disk", "encodings": 2} and len(calls) == encoder_calls
     for weights in (warm_weights, disk_weights):
@@ -215,6 +215,56 @@ def test_gram_and_encodings_are_reused_from_memory_and_from_disk(tiny_pipeline_d
     # Another base model (different K/V) never sees these entries.
     other = {n: w + 1 for n, w in cold.original_kv.items()}
     assert base_cache.BaseModelCache(other, cache).key != cold.base_cache.key
+
+
+def test_a_second_erasure_of_the_same_base_writes_the_parameters_in_place_and_keeps_the_base(tiny_pipeline_dir):
+    pipeline = diffusion.load_pipeline(str(tiny_pipeline_dir))
+    base = {n: w.detach().clone() for n, w in diffusion.kv_weights(pipeline).items()}
+
+    def erased(concept: str) -> tuple[RECEModule, dict, dict]:
+        module = RECEModule(str(tiny_pipeline_dir), erase_concepts=[concept])
+        module.attach_pipeline(pipeline)
+        storage = {n: w.data_ptr() for n, w in module.kv_state().items()}
+        module.erase(2)
+        return module, storage, {n: w.clone() for n, w in module.kv_state().items()}
+
+    base_cache.clear_memory()
+    first, first_storage, first_weights = erased("nudity")
+    moved = {n for n, w in first.kv_state().items() if w.data_ptr() != first_storage[n]}
+    assert moved == set(base)  # the first module gives the parameters storage of their own: the base is kept apart
+    diffusion.write_kv_weights(pipeline.unet, base)
+    second, second_storage, second_weights = erased("violence")
+    assert all(w.data_ptr() == second_storage[n] for n, w in second.kv_state().items())  # written in place
+    assert all(second.original_kv[n] is first.original_kv[n] for n in base)  # the copy the first module kept
+    assert all(torch.equal(second.original_kv[n], base[n]) for n in base)  # ... which no write touched
+    # The same erasure as a new process (nothing in memory) gets, bit for bit.
+    base_cache.clear_memory()
+    diffusion.write_kv_weights(pipeline.unet, base)
+    fresh, _, fresh_weights = erased("violence")
+    assert fresh.original_kv[next(iter(base))] is not first.original_kv[next(iter(base))]
+    assert all(torch.equal(fresh_weights[n], second_weights[n]) for n in base)
+    assert not all(torch.equal(first_weights[n], second_weights[n]) for n in base)
+    # Edited weights (another K/V fingerprint) never take the kept base.
+    third = RECEModule(str(tiny_pipeline_dir), erase_concepts=["nudity"])
+    third.attach_pipeline(pipeline)
+    assert all(torch.equal(third.original_kv[n], fresh_weights[n]) for n in base)
+    # A kept copy that shares storage with the live weights (written next) or differs in dtype is never handed out.
+    cache = base_cache.BaseModelCache(base)
+    cache.keep_base_weights(base)
+    assert cache.base_weights(base) is None and cache.base_weights({n: w.clone() for n, w in base.items()}) == base
+    assert base_cache.BaseModelCache({n: w.double() for n, w in base.items()}).base_weights(base) is None
+
+
+def test_the_cache_key_sees_one_changed_value_a_dtype_or_a_name_but_not_the_order():
+    generator = torch.Generator().manual_seed(3)
+    weights = {f"block{i}.attn2.to_{kv}.weight": torch.randn(40, 32, generator=generator) for i in range(3) for kv in "kv"}
+    key = base_cache.kv_fingerprint(weights)
+    assert base_cache.kv_fingerprint(dict(reversed(list(weights.items())))) == key
+    nudged = {n: w.clone() for n, w in weights.items()}
+    nudged["block2.attn2.to_v.weight"][39, 31] = torch.nextafter(nudged["block2.attn2.to_v.weight"][39, 31], torch.tensor(9.0))
+    renamed = {n.replace("block0", "block9"): w for n, w in weights.items()}
+    as_double = {n: w.double() for n, w in weights.items()}
+    assert len({key, *(base_cache.kv_fingerprint(w) for w in (nudged, renamed, as_double))}) == 4
 
 
 def test_many_concepts_at_once_match_the_per_matrix_solve(tiny_pipeline_dir):

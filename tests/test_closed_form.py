@@ -216,13 +216,38 @@ def test_incremental_state_tracks_the_full_recomputation_over_many_rounds(dim):
         transform = transform @ replace_transform([derived], [guide], [guide], lamb=0.1)
 
 
-def test_gram_matrix_is_exactly_symmetric_and_matches_the_plain_sum():
+@pytest.mark.parametrize("dim", [24, 96])  # the dense path and the rank-T path
+def test_a_workspace_gives_the_same_states_and_derivations_bit_for_bit_and_refuses_its_own_state(dim):
+    generator = torch.Generator().manual_seed(5)
+    gram = gram_matrix([torch.randn(40, dim, generator=generator, dtype=torch.float64) * 0.2])
+    concept, guide = _embeddings(generator, 77, dim), _embeddings(generator, 77, dim)
+    workspace = closed_form.Workspace.for_dim(dim)
+    plain = own = SharedState.unedited(gram)
+    for _ in range(4):
+        derived = derive_embedding_from_state(plain, gram, concept, reg=0.1)
+        assert torch.equal(derive_embedding_from_state(own, gram, concept, reg=0.1, workspace=workspace), derived)
+        plain = replace_edit(plain, gram, [derived], [guide], [guide], lamb=0.1)
+        into = replace_edit(own, gram, [derived], [guide], [guide], lamb=0.1, workspace=workspace)
+        assert into.transform.data_ptr() == workspace.transform.data_ptr()  # written into the buffers
+        assert torch.equal(into.transform, plain.transform) and torch.equal(into.hessian, plain.hessian)
+        assert torch.equal(into.hessian, into.hessian.T)
+        own = SharedState(into.transform.clone(), into.hessian.clone())  # copied out, as the module does
+    with pytest.raises(ValueError, match="holds the state it would edit"):
+        replace_edit(into, gram, [concept], [guide], lamb=0.1, workspace=workspace)
+    with pytest.raises(ValueError, match=r"workspace holds \(8, 8\) buffers"):
+        replace_edit(own, gram, [concept], [guide], lamb=0.1, workspace=closed_form.Workspace.for_dim(8))
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-13), (torch.float32, 1e-6), (torch.float16, 1e-6)])
+def test_gram_matrix_is_exactly_symmetric_and_matches_the_plain_float64_sum(dtype, tolerance):
+    # float32 / float16 weights multiply in float32 on CPUs (product_dtype): within float32 rounding of the float64 sum
     generator = torch.Generator().manual_seed(17)
-    weights = [torch.randn(out, 300, generator=generator) for out in (100, 300, 50)]
+    weights = [torch.randn(out, 300, generator=generator).to(dtype) for out in (100, 300, 50)]
     gram = gram_matrix(weights)
     plain = sum(w.double().T @ w.double() for w in weights)
+    assert gram.dtype == torch.float64
     assert torch.equal(gram, gram.T)
-    torch.testing.assert_close(gram, plain, rtol=1e-12, atol=1e-9)
+    assert float((gram - plain).abs().max() / plain.abs().max()) < tolerance
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
@@ -347,3 +372,16 @@ def test_an_empty_null_space_is_refused_saying_what_to_do_and_energy_protects_th
     assert basis.shape == (16, 14) and basis[:2].abs().max() < 1e-3
     with pytest.raises(ValueError, match="energy=0 is not allowed"):
         closed_form.null_space_basis(noisy, energy=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_finds_a_single_nan_or_inf_anywhere(dtype):
+    from rece_lightning.validation import all_finite
+
+    weight = torch.randn(64, 48).to(dtype)
+    assert all_finite(weight) and all_finite(weight[:0])
+    for position in [(0, 0), (17, 33), (63, 47)]:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            broken = weight.clone()
+            broken[position] = bad
+            assert not all_finite(broken), (position, bad)

@@ -319,9 +319,9 @@ def test_the_thin_branches_match_the_per_matrix_reference_at_non_default_setting
     solves, writes = [], []
     real_solve, real_apply = closed_form._spd_solve, closed_form.apply_transform
 
-    def solve(matrix, rhs):
+    def solve(matrix, rhs, factor=None):
         solves.append(tuple(rhs.shape))
-        return real_solve(matrix, rhs)
+        return real_solve(matrix, rhs, factor)
 
     def apply(weight, transform, left=None, right=None, out=None):
         writes.append(left is not None)
