@@ -266,7 +266,8 @@ def per_matrix_reference(
 
         def shaken(tensor: torch.Tensor) -> torch.Tensor:
             tensor = tensor.double()
-            return tensor * (1 + jitter * torch.randn(tensor.shape, generator=generator, dtype=torch.float64))
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64).to(tensor.device)
+            return tensor * (1 + jitter * noise)
 
         encoded = {k: EncodedPrompt(shaken(e.embedding), e.length) for k, e in encoded.items()}
     guide = encoded[" "]

@@ -63,6 +63,8 @@ def straightforward_rece(
 ) -> None:
     """UCE then ``epochs`` derive-erase rounds of all ``concepts`` (each to ``guide``), editing the ``projections``
     (nn.Linear list) in place; the guide is preserved once per concept, as in the reference code."""
+    # The reference code's algebra runs in float32 for a half-precision model (torch.inverse has no half kernels).
+    dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     concepts = [concepts] if isinstance(concepts, str) else list(concepts)
     retain = [guide] * len(concepts)
     sources, targets = [], []
