@@ -75,7 +75,8 @@ def _spd_solve(matrix: Tensor, rhs: Tensor, factor: Tensor | None = None) -> Ten
     if factor is None:
         factor, info = torch.linalg.cholesky_ex(matrix)
     else:
-        info = torch.linalg.cholesky_ex(matrix, out=(factor, torch.empty((), dtype=torch.int32, device=factor.device)))[1]
+        info = torch.empty((), dtype=torch.int32, device=factor.device)
+        torch.linalg.cholesky_ex(matrix, out=(factor, info))
     if int(info) == 0:
         return torch.cholesky_solve(rhs, factor)
     return torch.linalg.solve(matrix, rhs)

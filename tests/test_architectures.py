@@ -257,11 +257,15 @@ def test_a_second_erasure_of_the_same_base_writes_the_parameters_in_place_and_ke
 
 def test_the_cache_key_sees_one_changed_value_a_dtype_or_a_name_but_not_the_order():
     generator = torch.Generator().manual_seed(3)
-    weights = {f"block{i}.attn2.to_{kv}.weight": torch.randn(40, 32, generator=generator) for i in range(3) for kv in "kv"}
+    weights = {
+        f"block{i}.attn2.to_{kv}.weight": torch.randn(40, 32, generator=generator) for i in range(3) for kv in "kv"
+    }
     key = base_cache.kv_fingerprint(weights)
     assert base_cache.kv_fingerprint(dict(reversed(list(weights.items())))) == key
     nudged = {n: w.clone() for n, w in weights.items()}
-    nudged["block2.attn2.to_v.weight"][39, 31] = torch.nextafter(nudged["block2.attn2.to_v.weight"][39, 31], torch.tensor(9.0))
+    nudged["block2.attn2.to_v.weight"][39, 31] = torch.nextafter(
+        nudged["block2.attn2.to_v.weight"][39, 31], torch.tensor(9.0)
+    )
     renamed = {n.replace("block0", "block9"): w for n, w in weights.items()}
     as_double = {n: w.double() for n, w in weights.items()}
     assert len({key, *(base_cache.kv_fingerprint(w) for w in (nudged, renamed, as_double))}) == 4

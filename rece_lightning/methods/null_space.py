@@ -35,25 +35,17 @@ class HardPreservation:
             (1: their whole span; < 1 when they span nearly all d, e.g. 0.99).
         rows: which positions of each preserved prompt are kept: ``all`` (every position the K/V read) or ``tokens``
             (its real tokens, BOS to EOS: fewer rows, more room for the erasure; the padding rows may then move).
-        free_concept: leave the erased concepts' own directions free: protect each preserved row's component
-            orthogonal to the span of the differences between each concept's rows and its guide's. Where a preserved
-            prompt shares a direction with the concept (a neighbouring colour, a shared token after the concept's
-            word), that direction is erased with the concept rather than kept: the concept's embedding then has no
-            part in the protected span, so no derived c' can reach it through that span for free.
     """
 
     neighbours: int = 0
     energy: float = 1.0
     rows: str = "all"
-    free_concept: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 0:
             raise ValueError(f"neighbours={self.neighbours!r} is not allowed: it must be an integer >= 0")
         check_number("energy", self.energy, strictly_above=0, maximum=1)
         check_choice("rows", self.rows, ("all", "tokens"))
-        if not isinstance(self.free_concept, bool):
-            raise ValueError(f"free_concept={self.free_concept!r} is not allowed: it must be true or false")
 
     def prompts(self, editor: Editor, concepts: ConceptSet) -> list[str]:
         """The hard-preserved prompts: ``preserve_concepts`` and the concepts' nearest vocabulary words."""
@@ -80,19 +72,7 @@ class HardPreservation:
         """The null space U (d x m) of the hard-preserved prompts' embeddings (``rows``: their positions)."""
         encoded = editor.encoded(self.prompts(editor, concepts))
         rows = [(e.embedding if self.rows == "all" else e.embedding[: e.length]).to(torch.float64) for e in encoded]
-        if self.free_concept:
-            pairs = zip(editor.encoded(list(concepts.erase)), editor.encoded(list(concepts.guides)), strict=True)
-            differences = torch.cat([(c.embedding - g.embedding).to(torch.float64) for c, g in pairs])
-            rows = [project_out(torch.cat(rows), differences)]
         return null_space_basis(rows, energy=self.energy)
-
-
-def project_out(rows: Tensor, directions: Tensor, rtol: float = 1e-10) -> Tensor:
-    """``rows`` less their components in the span of ``directions`` (both (n, d); the span's orthonormal basis from an
-    SVD, directions below ``rtol`` of the largest singular value dropped)."""
-    _, values, basis_t = torch.linalg.svd(directions, full_matrices=False)
-    basis = basis_t[values > rtol * float(values[0])].T if float(values[0]) > 0 else basis_t[:0].T
-    return rows - (rows @ basis) @ basis.T
 
 
 class NullSpaceRECE(RECE):
