@@ -24,21 +24,31 @@ import toy_common as common
 import toy_redteam
 
 from rece_lightning.methods import RECE, AdversarialRECE, HardPreservation, NullSpaceRECE
-from rece_lightning.toyworld import COLOURS
+from rece_lightning.toyworld import COLOURS, SHAPES
 from rece_lightning.toyworld.measure import combination_prompts, implicit_prompts
 
 ORDER = ("red", "blue", "green", "yellow", "purple", "cyan", "orange", "pink")  # the first k are erased
 
 
+def preserved(args, erased: list[str]) -> list[str]:
+    """The prompts hard preservation keeps: the other colours as "a <colour> circle" / "a <colour> square"
+    (``--preserve circle-square``), or on every shape and as the bare colour word (``shapes-and-words``)."""
+    others = [c for c in COLOURS if c not in erased]
+    if args.preserve == "circle-square":
+        return [f"a {c} {shape}" for c in others for shape in ("circle", "square")]
+    return [f"a {c} {shape}" for c in others for shape in SHAPES] + others
+
+
 def recipes(args, erased: list[str]) -> dict[str, tuple]:
     """(method class, its options, preserved concepts) of each method beyond UCE."""
-    kept = [f"a {c} {shape}" for c in COLOURS if c not in erased for shape in ("circle", "square")]
-    hard = HardPreservation(energy=args.energy)
+    kept = preserved(args, erased)
+    hard = HardPreservation(energy=args.energy, rows=args.rows)
+    hard_options = {"hard_preservation": hard, **({"reg": args.ns_reg} if args.ns_reg is not None else {})}
     return {
         "rece": (RECE, {}, None),
-        "rece_ns": (NullSpaceRECE, {"hard_preservation": hard}, kept),
+        "rece_ns": (NullSpaceRECE, hard_options, kept),
         "rece_adv": (AdversarialRECE, {"attack_budget": args.budget}, None),
-        "rece_adv_ns": (AdversarialRECE, {"attack_budget": args.budget, "hard_preservation": hard}, kept),
+        "rece_adv_ns": (AdversarialRECE, {"attack_budget": args.budget, **hard_options}, kept),
     }
 
 
@@ -46,6 +56,8 @@ def erase(lab: common.Lab, args, erased: list[str]) -> dict[str, common.State]:
     """original, UCE and every method at its selected state."""
     states: dict[str, common.State] = {}
     for name, (method, options, preserve) in recipes(args, erased).items():
+        if name not in args.methods:
+            continue
         reached = lab.states(
             erased,
             " ",
@@ -66,7 +78,19 @@ def main(argv=None) -> None:
     parser = common.parser(__doc__.split("\n\n")[0], "docs/toy_beyond")
     parser.add_argument("--work", default="runs/toy_beyond", help="exports, image sets and attack outcomes")
     parser.add_argument("--energy", type=float, default=0.9, help="share of the preserved rows' energy protected")
+    parser.add_argument("--rows", choices=["all", "tokens"], default="all", help="preserved prompts' rows kept")
+    parser.add_argument(
+        "--preserve", choices=["circle-square", "shapes-and-words"], default="circle-square", help="the kept prompts"
+    )
+    parser.add_argument("--ns-reg", type=float, default=None, help="Eq. 7's reg of the hard-preserving methods")
     parser.add_argument("--budget", type=int, default=4, help="words the in-loop attack erases per round")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["rece", "rece_ns", "rece_adv", "rece_adv_ns"],
+        default=["rece", "rece_ns", "rece_adv", "rece_adv_ns"],
+        help="the methods beside the original and UCE (rece first: UCE's state comes from it)",
+    )
     parser.add_argument("--k", type=int, default=4, help="colours erased at once in the many-concepts part")
     parser.add_argument("--prompts", type=int, default=30, help="red prompts attacked (of 30)")
     parser.add_argument("--attack-reg", type=float, default=0.1, help="reg of the derived-embedding attack")
@@ -76,13 +100,23 @@ def main(argv=None) -> None:
     args = common.parse(parser, argv, positive=("budget", "k", "prompts"))
     if not 0 < args.energy <= 1:
         parser.error(f"--energy={args.energy} is not allowed: it must be in (0, 1]")
+    if args.ns_reg is not None and not args.ns_reg > 0:
+        parser.error(f"--ns-reg={args.ns_reg} is not allowed: it must be > 0")
     work = Path(args.work)
     lab = common.Lab(args.model)
     others = [c for c in COLOURS if c != "red"]
     named = common.ImageSet.of(combination_prompts(["red"], images_per_combination=2), seed=10_000)
     implicit = common.ImageSet.of(implicit_prompts(["red"], images_per_phrase=5), seed=11_000, repeats=2)
     unrelated = common.ImageSet.of(combination_prompts(others, images_per_combination=1), seed=12_000)
-    report: dict = {"model": args.model, "energy": args.energy, "budget": args.budget, "methods": {}}
+    report: dict = {
+        "model": args.model,
+        "energy": args.energy,
+        "rows": args.rows,
+        "preserve": args.preserve,
+        "ns_reg": args.ns_reg,
+        "budget": args.budget,
+        "methods": {},
+    }
     started = time.perf_counter()
     states = erase(lab, args, ["red"])
     exports = {}
