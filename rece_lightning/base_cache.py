@@ -6,6 +6,10 @@ are keyed by a sha256 of the base model's cross-attention K/V weights (names, dt
 1.4's 77 MB on 2 cores), kept in memory for the life of the process and, given a ``cache_dir``, on disk across runs
 (``<cache_dir>/<key[:24]>/gram.safetensors`` and ``encodings/<sha256(prompt)>.safetensors``).
 
+Once a module has given the U-Net's K/V storage of their own (its first write), the memory entry also keeps the base
+K/V it holds, so that the next module on the same base writes the parameters in place
+(:meth:`BaseModelCache.base_weights`); :func:`clear_memory` lets all of it go.
+
 Encodings assume the base model's own text encoder(s): the key covers the K/V weights, the text encoder's class,
 config and dtype, not its weights (hashing CLIP ViT-L would cost twice what encoding a prompt does).
 """
