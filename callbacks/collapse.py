@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.drift import relative_drift
 from callbacks.probing import EveryState, ProbeSettings, check_probe_settings, generate_probes
+from rece_lightning.validation import all_finite
 
 
 def collapse_reasons(images: np.ndarray, min_std: float) -> list[str]:
@@ -59,7 +59,7 @@ class CollapseGuard(EveryState):
     def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_epoch: bool) -> None:
         state = pl_module.rece_epochs_done
         weights = pl_module.kv_state()
-        reasons = [f"K/V weight {n} is not finite" for n, w in weights.items() if not torch.isfinite(w).all()]
+        reasons = [f"K/V weight {n} is not finite" for n, w in weights.items() if not all_finite(w)]
         drift = relative_drift(weights, pl_module.original_kv)
         if drift > self.max_drift:
             reasons.append(f"K/V weights moved {drift:.3g}x their norm from the original (max_drift={self.max_drift})")

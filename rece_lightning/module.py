@@ -252,7 +252,6 @@ class RECEModule(pl.LightningModule):
         device = next(iter(self.original_kv.values())).device
         gram = self.base_cache.gram(lambda: closed_form.gram_matrix(list(self.original_kv.values()))).to(device).clone()
         self.register_buffer("gram", gram, persistent=False)  # a property of the base model, recomputed on load
-        self._workspace = closed_form.Workspace.for_dim(gram.shape[0], device)  # the edits' d x d buffers, reused
         if self._loaded_state:
             self._loaded_state = False
             if self.transform.shape != gram.shape:
@@ -452,6 +451,7 @@ class RECEModule(pl.LightningModule):
     ) -> None:
         """Compose one Eq. 3 edit (``W_new = W_cur @ X``) into the state and the weights (unless a caller defers the
         write, as :meth:`erase` does); refuse non-finite results."""
+        workspace = self._workspace_for(self.transform)
         edited = closed_form.replace_edit(
             closed_form.SharedState(self.transform, self.hessian, *self._current_factors()),
             self.gram,
@@ -462,7 +462,7 @@ class RECEModule(pl.LightningModule):
             erase_scale=erase_scale,
             preserve_scale=preserve_scale,
             null_space=null_space,
-            workspace=self._workspace_for(self.transform),
+            workspace=workspace,
         )
         if not (all_finite(edited.transform) and all_finite(edited.hessian)):
             raise FloatingPointError(
@@ -470,8 +470,7 @@ class RECEModule(pl.LightningModule):
                 "raise lamb. "
                 "The run stops and nothing is exported."
             )
-        scratch = self._workspace_for(self.transform)
-        difference = torch.sub(edited.transform, self.transform, out=None if scratch is None else scratch.scratch)
+        difference = torch.sub(edited.transform, self.transform, out=workspace.scratch)
         change = torch.linalg.matrix_norm(difference) / torch.linalg.matrix_norm(self.transform)
         if float(change) < NEGLIGIBLE_EDIT:
             rank_zero_warn(
@@ -510,14 +509,11 @@ class RECEModule(pl.LightningModule):
                 "was made from"
             )
 
-    def _workspace_for(self, state: Tensor) -> closed_form.Workspace | None:
-        """The edits' reusable d x d buffers, moved to ``state``'s device when the module moved (``None``: none yet)."""
-        workspace = self._workspace
-        if workspace is None:
-            return None
-        if not workspace.fits(state):
-            self._workspace = workspace = closed_form.Workspace.for_dim(state.shape[0], state.device)
-        return workspace
+    def _workspace_for(self, state: Tensor) -> closed_form.Workspace:
+        """The edits' reusable d x d buffers, made on first use and again when the module moved to another device."""
+        if self._workspace is None or not self._workspace.fits(state):
+            self._workspace = closed_form.Workspace.for_dim(state.shape[0], state.device)
+        return self._workspace
 
     def _current_factors(self) -> tuple[Tensor | None, Tensor | None]:
         """The low-rank factors of the current transform, if they are known for this very state."""
