@@ -541,8 +541,12 @@ class RECEModule(pl.LightningModule):
         for name, original in self.original_kv.items():
             key = (original.device, closed_form.product_dtype(original))
             if key not in converted:
+                left, right = factors
+                if left is not None and right is not None:
+                    # directions below the product dtype's resolution change nothing it can represent
+                    left, right = closed_form.compact_factors(left, right, rtol=torch.finfo(key[1]).eps)
                 converted[key] = tuple(
-                    None if t is None else t.to(device=key[0], dtype=key[1]) for t in (transform, *factors)
+                    None if t is None else t.to(device=key[0], dtype=key[1]) for t in (transform, left, right)
                 )
             if live[name].data_ptr() == original.data_ptr():  # still the base weights: never overwrite those
                 live[name].data = torch.empty_like(original)

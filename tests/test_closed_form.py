@@ -11,6 +11,7 @@ from rece_lightning import closed_form
 from rece_lightning.closed_form import (
     SharedState,
     apply_transform,
+    compact_factors,
     derive_embedding,
     derive_embedding_from_state,
     derive_embedding_from_transform,
@@ -307,6 +308,34 @@ def test_low_rank_factors_track_the_transform_until_dense_is_cheaper():
             apply_transform(weight, state.transform, state.left, state.right), weight @ state.transform
         )
     assert ranks == [9, 18, 27] and state.left is None  # 36 >= 64 / 2: dense from the fourth edit on
+
+
+def test_compact_factors_drop_exactly_the_directions_below_the_tolerance():
+    """Against an independent truncated SVD of the dense d x d product: the kept rank, the product, and the error
+    bound rtol * sigma_1 in spectral norm."""
+    generator = torch.Generator().manual_seed(29)
+    dim, rank = 48, 12
+    left_basis = torch.linalg.qr(torch.randn(dim, rank, generator=generator, dtype=torch.float64))[0]
+    right_basis = torch.linalg.qr(torch.randn(dim, rank, generator=generator, dtype=torch.float64))[0]
+    values = torch.tensor([3.0, 1.0, 0.5, 1e-2, 1e-4, 1e-6, 2e-8, 5e-9, 1e-10, 1e-12, 1e-14, 0.0], dtype=torch.float64)
+    mixing = torch.linalg.qr(torch.randn(rank, rank, generator=generator, dtype=torch.float64))[0]
+    # the same product with its directions mixed across the columns, as edits accumulate them
+    left, right = (left_basis * values) @ mixing, right_basis @ mixing
+    dense = left @ right.T
+    u, s, vh = torch.linalg.svd(dense)
+    for rtol, expected_rank in ((1e-8, 6), (1e-3, 4), (1e-15, 11)):  # kept: above rtol * 3
+        compact_left, compact_right = compact_factors(left, right, rtol=rtol)
+        assert compact_left.shape == compact_right.shape == (dim, expected_rank)
+        truncated = (u[:, :expected_rank] * s[:expected_rank]) @ vh[:expected_rank]
+        torch.testing.assert_close(compact_left @ compact_right.T, truncated, rtol=0, atol=1e-13)
+        error = torch.linalg.matrix_norm(compact_left @ compact_right.T - dense, ord=2)
+        assert error <= rtol * s[0]
+    empty = torch.zeros(dim, 0, dtype=torch.float64)
+    assert compact_factors(empty, empty, rtol=1e-7)[0].shape == (dim, 0)
+    with pytest.raises(ValueError, match="rtol=-1"):
+        compact_factors(left, right, rtol=-1)
+    with pytest.raises(ValueError, match=r"left \(48, 12\) and right \(48, 11\)"):
+        compact_factors(left, right[:, :11], rtol=1e-7)
 
 
 def _kkt_constrained_edit(weight, erase, targets, preserve, hard, lamb, erase_scale, preserve_scale):

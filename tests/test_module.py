@@ -312,6 +312,19 @@ class _EveryState(pl.Callback):
         self.on_train_start(trainer, pl_module)
 
 
+def test_the_low_rank_write_is_the_dense_product_to_float32_resolution(wide_pipeline_dir):
+    """The K/V written through the (compacted) low-rank factors equal ``W_orig @ transform`` computed in float64,
+    to a few float32 roundings of the weights' scale."""
+    module = RECEModule(pretrained_model_name_or_path=str(wide_pipeline_dir))
+    module.attach_pipeline(diffusion.load_pipeline(str(wide_pipeline_dir)))
+    module.erase(1)
+    assert module._current_factors()[0] is not None  # UCE + 1 round: rank < d / 2, so the write took the factors
+    for name, weight in module.kv_state().items():
+        exact = module.original_kv[name].double() @ module.transform
+        assert weight.dtype == torch.float32
+        assert (weight.double() - exact).abs().max() <= 1e-6 * exact.abs().max(), name
+
+
 @pytest.mark.slow  # a long end-to-end run: the full suite and CI run it
 def test_the_thin_branches_match_the_per_matrix_reference_at_non_default_settings(
     wide_pipeline_dir, tmp_path, monkeypatch
