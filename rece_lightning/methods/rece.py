@@ -36,9 +36,6 @@ class RECE(ErasureMethod):
             0.5 there while their epochs use 0.1.
         uce_preserve_scale: lambda_1 of the preliminary UCE edit alone (``null``: ``preserve_scale``); the authors'
             released nudity model used 1.0.
-        keep_erased: every round also re-erases each concept's own UCE pairs (its ``uce_tokens`` rows towards the
-            guide's), so that a round's edit, which only asks for c' to be erased, cannot drift the named concept
-            back (Algorithm 1 does not; off by default).
     """
 
     name = "RECE"
@@ -54,7 +51,6 @@ class RECE(ErasureMethod):
         preserve_guides: bool = True,
         uce_lamb: float | None = None,
         uce_preserve_scale: float | None = None,
-        keep_erased: bool = False,
     ) -> None:
         self.lamb = check_regulariser("lamb", lamb)
         self.erase_scale = check_non_negative("erase_scale", erase_scale)
@@ -67,7 +63,6 @@ class RECE(ErasureMethod):
         self.uce_preserve_scale = (
             None if uce_preserve_scale is None else check_non_negative("uce_preserve_scale", uce_preserve_scale)
         )
-        self.keep_erased = bool(keep_erased)
 
     @property
     def probe_reg(self) -> float:
@@ -111,15 +106,6 @@ class RECE(ErasureMethod):
             )
             sources.append(source)
             targets.append(target)
-        if self.keep_erased:
-            for concept, guide in zip(
-                editor.encoded(list(concepts.erase)), editor.encoded(list(concepts.guides)), strict=True
-            ):
-                source, target = select_tokens(
-                    concept.embedding, concept.length, guide.embedding, guide.length, self.uce_tokens
-                )
-                sources.append(source)
-                targets.append(target)
         return sources, targets
 
     def null_space(self, editor: Editor, concepts: ConceptSet) -> Tensor | None:
@@ -136,5 +122,4 @@ class RECE(ErasureMethod):
             },
             "token_modes": {"uce": self.uce_tokens, "rece": self.rece_tokens},
             "preserve_guides": self.preserve_guides,
-            "keep_erased": self.keep_erased,
         }
