@@ -321,7 +321,10 @@ def main() -> None:
     dtype_name = {torch.float16: "float16", torch.float32: "float32"}[dtype]
     pipeline = build_shaped_pipeline(args.model, device, dtype, args.tokenizer)
     projections = diffusion.cross_attention_kv(pipeline.unet)
-    originals = {f"{n}.weight": p.weight.detach().clone() for n, p in projections.items()}
+    # The base K/V themselves, not a copy: no erasure writes into the storage it started from (its first write gives
+    # the parameters storage of their own), and a 1.4 GB copy (SDXL) would put this process under memory pressure that
+    # a user's would not have (page faults of the fresh parameter storage then cost seconds).
+    originals = {f"{n}.weight": p.weight.detach() for n, p in projections.items()}
     concepts = ["nudity"] if args.concepts == 1 else [f"concept number {i}" for i in range(args.concepts)]
     cache_root = Path(tempfile.mkdtemp(prefix="rece-bench-cache-"))
 
