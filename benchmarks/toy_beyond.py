@@ -39,6 +39,25 @@ def preserved(args, erased: list[str]) -> list[str]:
     return [f"a {c} {shape}" for c in others for shape in SHAPES] + others
 
 
+def add_recipe_options(parser, rows: str, preserve: str) -> None:
+    """The options :func:`recipes` reads (``rows`` / ``preserve``: their defaults)."""
+    parser.add_argument("--energy", type=float, default=0.9, help="share of the preserved rows' energy protected")
+    parser.add_argument("--rows", choices=["all", "tokens"], default=rows, help="preserved prompts' rows kept")
+    parser.add_argument(
+        "--preserve", choices=["circle-square", "shapes-and-words"], default=preserve, help="the kept prompts"
+    )
+    parser.add_argument("--ns-reg", type=float, default=None, help="Eq. 7's reg of the hard-preserving methods")
+    parser.add_argument("--budget", type=int, default=4, help="words the in-loop attack erases per round")
+
+
+def check_recipe_options(parser, args) -> None:
+    """Refuse an energy outside (0, 1] or a reg <= 0 before any model loads (``--budget``: common.parse's check)."""
+    if not 0 < args.energy <= 1:
+        parser.error(f"--energy={args.energy} is not allowed: it must be in (0, 1]")
+    if args.ns_reg is not None and not args.ns_reg > 0:
+        parser.error(f"--ns-reg={args.ns_reg} is not allowed: it must be > 0")
+
+
 def recipes(args, erased: list[str]) -> dict[str, tuple]:
     """(method class, its options, preserved concepts) of each method beyond UCE."""
     kept = preserved(args, erased)
@@ -50,6 +69,13 @@ def recipes(args, erased: list[str]) -> dict[str, tuple]:
         "rece_adv": (AdversarialRECE, {"attack_budget": args.budget}, None),
         "rece_adv_ns": (AdversarialRECE, {"attack_budget": args.budget, **hard_options}, kept),
     }
+
+
+def many_concepts_sets(erased: list[str]) -> tuple[common.ImageSet, common.ImageSet]:
+    """The many-concepts image sets (every colour x shape x texture x template, one image each): the kept colours'
+    prompts and the ``erased`` colours' prompts."""
+    every = common.ImageSet.of(combination_prompts(list(COLOURS), images_per_combination=1), seed=40_000)
+    return every.where(colour=lambda c: c not in erased), every.where(colour=lambda c: c in erased)
 
 
 def erase(lab: common.Lab, args, erased: list[str]) -> dict[str, common.State]:
@@ -77,13 +103,7 @@ def erase(lab: common.Lab, args, erased: list[str]) -> dict[str, common.State]:
 def main(argv=None) -> None:
     parser = common.parser(__doc__.split("\n\n")[0], "docs/toy_beyond")
     parser.add_argument("--work", default="runs/toy_beyond", help="exports, image sets and attack outcomes")
-    parser.add_argument("--energy", type=float, default=0.9, help="share of the preserved rows' energy protected")
-    parser.add_argument("--rows", choices=["all", "tokens"], default="all", help="preserved prompts' rows kept")
-    parser.add_argument(
-        "--preserve", choices=["circle-square", "shapes-and-words"], default="circle-square", help="the kept prompts"
-    )
-    parser.add_argument("--ns-reg", type=float, default=None, help="Eq. 7's reg of the hard-preserving methods")
-    parser.add_argument("--budget", type=int, default=4, help="words the in-loop attack erases per round")
+    add_recipe_options(parser, rows="all", preserve="circle-square")
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -98,10 +118,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ring-a-bell-generations", type=int, default=60)
     parser.add_argument("--skip-attacks", action="store_true", help="leave Table 4 out (minutes)")
     args = common.parse(parser, argv, positive=("budget", "k", "prompts"))
-    if not 0 < args.energy <= 1:
-        parser.error(f"--energy={args.energy} is not allowed: it must be in (0, 1]")
-    if args.ns_reg is not None and not args.ns_reg > 0:
-        parser.error(f"--ns-reg={args.ns_reg} is not allowed: it must be > 0")
+    check_recipe_options(parser, args)
     work = Path(args.work)
     lab = common.Lab(args.model)
     others = [c for c in COLOURS if c != "red"]
@@ -133,9 +150,7 @@ def main(argv=None) -> None:
         }
     # many concepts: k colours at once, the rest kept
     erased = list(ORDER[: args.k])
-    every = common.ImageSet.of(combination_prompts(list(COLOURS), images_per_combination=1), seed=40_000)
-    kept = every.where(colour=lambda c: c not in erased)
-    targets = every.where(colour=lambda c: c in erased)
+    kept, targets = many_concepts_sets(erased)
     for name, state in erase(lab, args, erased).items():
         lab.apply(state)
         report["methods"][name]["many"] = {

@@ -17,37 +17,24 @@ from collections import Counter
 import toy_beyond
 import toy_common as common
 
-from rece_lightning.methods import RECE, HardPreservation, NullSpaceRECE
-from rece_lightning.toyworld import COLOURS, ToyWorldScorer, predict
-from rece_lightning.toyworld.measure import combination_prompts
+from rece_lightning.toyworld import ToyWorldScorer, predict
 
 
 def main(argv=None) -> None:
     parser = common.parser(__doc__.split("\n\n")[0], "docs/toy_walk")
     parser.add_argument("--k", type=int, default=4, help="colours erased at once (the first k of toy_beyond.ORDER)")
-    parser.add_argument("--method", choices=["rece", "rece_ns"], default="rece_ns")
-    parser.add_argument("--energy", type=float, default=0.9, help="rece_ns: share of the preserved rows' energy kept")
-    parser.add_argument("--rows", choices=["all", "tokens"], default="tokens", help="rece_ns: preserved rows")
-    parser.add_argument(
-        "--preserve", choices=["circle-square", "shapes-and-words"], default="shapes-and-words", help="rece_ns"
-    )
+    parser.add_argument("--method", choices=["rece", "rece_ns", "rece_adv", "rece_adv_ns"], default="rece_ns")
+    toy_beyond.add_recipe_options(parser, rows="tokens", preserve="shapes-and-words")
     parser.set_defaults(probes=12)
-    args = common.parse(parser, argv, positive=("k",))
-    if not 0 < args.energy <= 1:
-        parser.error(f"--energy={args.energy} is not allowed: it must be in (0, 1]")
+    args = common.parse(parser, argv, positive=("k", "budget"))
+    toy_beyond.check_recipe_options(parser, args)
     if args.k > len(toy_beyond.ORDER) - 1:
         parser.error(f"--k={args.k} is not allowed: at most {len(toy_beyond.ORDER) - 1} (one colour must be kept)")
     erased = list(toy_beyond.ORDER[: args.k])
-    every = common.ImageSet.of(combination_prompts(list(COLOURS), images_per_combination=1), seed=40_000)
-    kept = every.where(colour=lambda c: c not in erased)
-    targets = every.where(colour=lambda c: c in erased)
+    kept, targets = toy_beyond.many_concepts_sets(erased)
     lab = common.Lab(args.model)
-    if args.method == "rece":
-        module = lab.module(erased, " ", method=RECE)
-    else:
-        hard = HardPreservation(energy=args.energy, rows=args.rows)
-        preserve = toy_beyond.preserved(args, erased)
-        module = lab.module(erased, " ", method=NullSpaceRECE, preserve_concepts=preserve, hard_preservation=hard)
+    method, options, preserve = toy_beyond.recipes(args, erased)[args.method]  # as toy_beyond.py builds it
+    module = lab.module(erased, " ", method=method, preserve_concepts=preserve, **options)
     scorer = ToyWorldScorer(erased)
     module.apply_uce()
     states = []
@@ -65,7 +52,8 @@ def main(argv=None) -> None:
                 "erased_prompts_drawn_as": dict(Counter(drawn).most_common()),
             }
         )
-    report = {key: getattr(args, key) for key in ("model", "k", "method", "energy", "rows", "preserve", "probes")}
+    keys = ("model", "k", "method", "energy", "rows", "preserve", "ns_reg", "budget", "probes")
+    report = {key: getattr(args, key) for key in keys}
     report.update(erased=erased, states=states)
     rows = [
         [
