@@ -48,6 +48,9 @@ def add_recipe_options(parser, rows: str, preserve: str) -> None:
     )
     parser.add_argument("--ns-reg", type=float, default=None, help="Eq. 7's reg of the hard-preserving methods")
     parser.add_argument("--budget", type=int, default=4, help="words the in-loop attack erases per round")
+    parser.add_argument(
+        "--attack", choices=["vocabulary", "prompt_search"], default="vocabulary", help="the in-loop attack"
+    )
 
 
 def check_recipe_options(parser, args) -> None:
@@ -63,11 +66,12 @@ def recipes(args, erased: list[str]) -> dict[str, tuple]:
     kept = preserved(args, erased)
     hard = HardPreservation(energy=args.energy, rows=args.rows)
     hard_options = {"hard_preservation": hard, **({"reg": args.ns_reg} if args.ns_reg is not None else {})}
+    attack = {"attack": args.attack, "attack_budget": args.budget}
     return {
         "rece": (RECE, {}, None),
         "rece_ns": (NullSpaceRECE, hard_options, kept),
-        "rece_adv": (AdversarialRECE, {"attack_budget": args.budget}, None),
-        "rece_adv_ns": (AdversarialRECE, {"attack_budget": args.budget, **hard_options}, kept),
+        "rece_adv": (AdversarialRECE, attack, None),
+        "rece_adv_ns": (AdversarialRECE, {**attack, **hard_options}, kept),
     }
 
 
@@ -132,6 +136,7 @@ def main(argv=None) -> None:
         "preserve": args.preserve,
         "ns_reg": args.ns_reg,
         "budget": args.budget,
+        "attack": args.attack,
         "methods": {},
     }
     started = time.perf_counter()

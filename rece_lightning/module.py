@@ -338,6 +338,16 @@ class RECEModule(pl.LightningModule):
                 self._embeddings[prompt] = EncodedPrompt(encoded.embedding.to(device), encoded.length, pooled)
         return [self._embeddings[p] for p in prompts]
 
+    @torch.no_grad()
+    def encoded_uncached(self, prompts: list[str]) -> list[EncodedPrompt]:
+        """Text-encoder outputs of ``prompts`` on the U-Net's device, kept nowhere: a search's thousands of throwaway
+        candidates would otherwise fill the memory and disk caches."""
+        device = self.family.denoiser(self.pipeline).device
+        return [
+            EncodedPrompt(e.embedding.to(device), e.length, None if e.pooled is None else e.pooled.to(device))
+            for e in self.family.encode(self.pipeline, prompts)
+        ]
+
     def preserved(self, concepts: ConceptSet, with_guides: bool = True, with_preserve: bool = True) -> list[Tensor]:
         """Rows of Eq. 2's preserve term: the guides (once per concept, as in the reference code; if ``with_guides``)
         and ``preserve`` (if ``with_preserve``: a hard-preserving method keeps those exactly instead).

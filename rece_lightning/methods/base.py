@@ -45,6 +45,9 @@ class Editor(Protocol):
     def encoded(self, prompts: list[str]) -> list[EncodedPrompt]:
         """Encodings of ``prompts`` as the K/V read them (cached per base model)."""
 
+    def encoded_uncached(self, prompts: list[str]) -> list[EncodedPrompt]:
+        """Encodings of ``prompts``, not cached (an attack's throwaway candidates)."""
+
     def preserved(self, concepts: ConceptSet, with_guides: bool, with_preserve: bool = True) -> list[Tensor]:
         """Eq. 2's preserve rows: the concepts' ``preserve`` prompts (if ``with_preserve``), and their guides if
         ``with_guides``."""
