@@ -1,7 +1,10 @@
 """What the methods beyond RECE cost, on SD-1.4 or SDXL shapes with random weights: RECE, RECE-NS (hard
-preservation of ``--preserved`` prompts) and RECE-ADV (the vocabulary attack in the loop), timed in one run.
+preservation of ``--preserved`` prompts), RECE-ADV (the vocabulary attack in the loop) and RECE-ADV with the prompt
+search in the loop (``rece_search``: ``--population`` x (``--generations`` + 1) prompts encoded per round), timed in
+one run.
 
     python benchmarks/bench_beyond.py --reps 3      # SD-1.4 shapes, 1 concept, 5 epochs: about 5 min on 2 CPU cores
+    python benchmarks/bench_beyond.py --methods rece rece_search --epochs 1 --reps 1 --population 16 --generations 4
 
 Prints JSON: per method the warm erasure (G and encodings cached, as in a sweep; ``min`` / ``median`` seconds over
 ``--reps``), the first (cold) erasure of each method after RECE's (the new encodings: the preserved prompts, the
@@ -41,18 +44,41 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--budget", type=int, default=4, help="words the in-loop attack erases per round")
     parser.add_argument("--candidates", type=int, default=256, help="vocabulary words the attack searches")
+    parser.add_argument("--population", type=int, default=64, help="rece_search: prompts per generation")
+    parser.add_argument("--generations", type=int, default=20, help="rece_search: generations per round")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["rece", "rece_ns", "rece_adv", "rece_search"],
+        default=["rece", "rece_ns", "rece_adv"],
+    )
     parser.add_argument("--tokenizer", type=Path, default=CLIP_TOKENIZER if CLIP_TOKENIZER.is_dir() else None)
     args = parser.parse_args()
-    for name in ("reps", "epochs", "budget", "candidates"):
+    for name in ("reps", "epochs", "budget", "candidates", "generations"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)}: it must be >= 1")
+    if args.population < 4:
+        parser.error(f"--population={args.population}: it must be >= 4")
+    if "rece" not in args.methods:
+        parser.error(f"--methods={args.methods}: include rece, the yardstick of the ratios")
     pipeline = build_shaped_pipeline(args.model, "cpu", torch.float32, args.tokenizer)
     originals = {n: w.detach().clone() for n, w in diffusion.kv_weights(pipeline.unet).items()}
     methods = {
         "rece": (lambda: RECE(), None),
         "rece_ns": (lambda: NullSpaceRECE(hard_preservation=HardPreservation()), list(PRESERVED)),
         "rece_adv": (lambda: AdversarialRECE(attack_budget=args.budget, candidates=args.candidates), None),
+        "rece_search": (
+            lambda: AdversarialRECE(
+                attack="prompt_search",
+                attack_budget=args.budget,
+                candidates=args.candidates,
+                population=args.population,
+                generations=args.generations,
+            ),
+            None,
+        ),
     }
+    methods = {name: methods[name] for name in args.methods}
 
     def erase(make, preserve) -> float:
         diffusion.write_kv_weights(pipeline.unet, originals)
@@ -65,6 +91,8 @@ def main() -> None:
         return time.perf_counter() - started
 
     report: dict = {"model": f"{args.model}-shaped", "epochs": args.epochs, "threads": torch.get_num_threads()}
+    if "rece_search" in methods:
+        report["search"] = {"population": args.population, "generations": args.generations, "budget": args.budget}
     for name, (make, preserve) in methods.items():
         first = erase(make, preserve)
         warm = [erase(make, preserve) for _ in range(args.reps)]
@@ -74,7 +102,7 @@ def main() -> None:
             "warm_median": round(statistics.median(warm), 3),
         }
         print(name, report[name], file=sys.stderr, flush=True)
-    for name in ("rece_ns", "rece_adv"):
+    for name in methods.keys() - {"rece"}:
         report[f"{name}_over_rece_warm"] = round(report[name]["warm_min"] / report["rece"]["warm_min"], 3)
     print(json.dumps(report, indent=2))
 
