@@ -205,17 +205,22 @@ class AdversarialRECE(RECE):
         towards = kv_distances(editor.gram, editor.transform, embeddings, target)
         return towards / kv_distances(editor.gram, eye, embeddings, guide_embedding).clamp_min(1e-12)
 
+    def search_vocabulary(self, editor: Editor, concepts: ConceptSet, concept: str) -> list[str]:
+        """The words ``prompt_search`` builds prompts of: the concept's own, its ``candidates`` nearest vocabulary
+        words and :data:`FUNCTION_WORDS` (none of the guides' or the preserved prompts' content words)."""
+        exclude = self._excluded(editor, concepts) - set(FUNCTION_WORDS)
+        own = [w for w in concept.split() if w not in exclude]
+        near = editor.words_near([concept], self.candidates, exclude=exclude)
+        return list(dict.fromkeys([*own, *near, *FUNCTION_WORDS]))
+
     def strongest_prompts(self, editor: Editor, concepts: ConceptSet) -> dict[str, list[str]]:
         """Per concept, the ``attack_budget`` best distinct prompts of a genetic search (Ring-A-Bell's: elitism,
         tournament selection, one-point crossover, per-word mutation) over ``search_words``-word prompts, with
         :meth:`_scores` in the current model as the fitness."""
         generator = torch.Generator().manual_seed(self.seed + len(self.found))
-        exclude = self._excluded(editor, concepts) - set(FUNCTION_WORDS)
         found = {}
         for concept, guide in zip(concepts.erase, concepts.guides, strict=True):
-            own = [w for w in concept.split() if w not in exclude]
-            near = editor.words_near([concept], self.candidates, exclude=exclude)
-            words = list(dict.fromkeys([*own, *near, *FUNCTION_WORDS]))
+            words = self.search_vocabulary(editor, concepts, concept)
 
             def fitness(population: Tensor, concept: str = concept, guide: str = guide, words: list = words) -> Tensor:
                 prompts = [" ".join(words[i] for i in row) for row in population.tolist()]
