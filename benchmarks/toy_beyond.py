@@ -47,6 +47,9 @@ def add_recipe_options(parser, rows: str, preserve: str) -> None:
         "--preserve", choices=["circle-square", "shapes-and-words"], default=preserve, help="the kept prompts"
     )
     parser.add_argument("--ns-reg", type=float, default=None, help="Eq. 7's reg of the hard-preserving methods")
+    parser.add_argument(
+        "--ns-erase-scale", type=float, default=None, help="Eq. 3's erase scale of the hard-preserving methods"
+    )
     parser.add_argument("--budget", type=int, default=4, help="words the in-loop attack erases per round")
     parser.add_argument(
         "--attack", choices=["vocabulary", "prompt_search"], default="vocabulary", help="the in-loop attack"
@@ -59,6 +62,8 @@ def check_recipe_options(parser, args) -> None:
         parser.error(f"--energy={args.energy} is not allowed: it must be in (0, 1]")
     if args.ns_reg is not None and not args.ns_reg > 0:
         parser.error(f"--ns-reg={args.ns_reg} is not allowed: it must be > 0")
+    if args.ns_erase_scale is not None and not args.ns_erase_scale > 0:
+        parser.error(f"--ns-erase-scale={args.ns_erase_scale} is not allowed: it must be > 0")
 
 
 def recipes(args, erased: list[str]) -> dict[str, tuple]:
@@ -66,6 +71,8 @@ def recipes(args, erased: list[str]) -> dict[str, tuple]:
     kept = preserved(args, erased)
     hard = HardPreservation(energy=args.energy, rows=args.rows)
     hard_options = {"hard_preservation": hard, **({"reg": args.ns_reg} if args.ns_reg is not None else {})}
+    if args.ns_erase_scale is not None:
+        hard_options["erase_scale"] = args.ns_erase_scale
     attack = {"attack": args.attack, "attack_budget": args.budget}
     return {
         "rece": (RECE, {}, None),
@@ -93,6 +100,7 @@ def erase(lab: common.Lab, args, erased: list[str]) -> dict[str, common.State]:
             " ",
             max_epochs=args.max_epochs,
             probes=args.probes,
+            fixed_epochs=args.fixed_epochs,
             method=method,
             preserve_concepts=preserve,
             **options,
@@ -108,6 +116,11 @@ def main(argv=None) -> None:
     parser = common.parser(__doc__.split("\n\n")[0], "docs/toy_beyond")
     parser.add_argument("--work", default="runs/toy_beyond", help="exports, image sets and attack outcomes")
     add_recipe_options(parser, rows="all", preserve="circle-square")
+    parser.add_argument(
+        "--fixed-epochs",
+        action="store_true",
+        help="every method after --max-epochs rounds (the paper's fixed counts) instead of the selector's state",
+    )
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -135,6 +148,8 @@ def main(argv=None) -> None:
         "rows": args.rows,
         "preserve": args.preserve,
         "ns_reg": args.ns_reg,
+        "ns_erase_scale": args.ns_erase_scale,
+        "fixed_epochs": args.fixed_epochs,
         "budget": args.budget,
         "attack": args.attack,
         "methods": {},

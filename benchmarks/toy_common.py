@@ -147,9 +147,17 @@ class Lab:
         return float(np.mean(found))
 
     def states(
-        self, concepts: Sequence[str], guide: str = " ", *, max_epochs: int, probes: int, **hyper
+        self,
+        concepts: Sequence[str],
+        guide: str = " ",
+        *,
+        max_epochs: int,
+        probes: int,
+        fixed_epochs: bool = False,
+        **hyper,
     ) -> dict[str, State]:
-        """original, UCE alone and RECE at the selector's state (each timed: the edit only, not the probes)."""
+        """original, UCE alone and RECE at the selector's state (each timed: the edit only, not the probes);
+        ``fixed_epochs``: RECE after all ``max_epochs`` rounds, as the paper's fixed epoch counts (no early stop)."""
         scorer = ToyWorldScorer(list(concepts))
         recipe = (tuple(concepts), guide, hyper)
         states = {"original": State("original", *recipe)}
@@ -164,9 +172,9 @@ class Lab:
             module.derive_and_erase(module.concepts)
             seconds.append(seconds[-1] + time.perf_counter() - started)
             rates.append(self.probe_rate(module, scorer, probes))
-            if rates[-1] == 0.0:  # stop_when_clean
+            if rates[-1] == 0.0 and not fixed_epochs:  # stop_when_clean
                 break
-        selected = min(range(len(rates)), key=lambda i: (rates[i], i)) + 1
+        selected = max_epochs if fixed_epochs else min(range(len(rates)), key=lambda i: (rates[i], i)) + 1
         record = {
             "selected_epoch": selected,
             "probe_rate_by_epoch": rates,
