@@ -54,13 +54,21 @@ def select_tokens(
 
 def whole_words(tokenizer) -> dict[str, int]:
     """Vocabulary entries that are a whole word of letters (CLIP's ``word</w>``, SentencePiece's ``▁word``, a
-    word-level vocabulary's entries), lower-cased, with their token id."""
-    words: dict[str, int] = {}
+    word-level vocabulary's entries), lower-cased, with their token id, in token-id order.
+
+    Where several entries spell the same word (CLIP's ``nu</w>`` and the word piece ``nu``, ``Rose</w>`` and
+    ``rose</w>``), the marked whole word wins over an unmarked piece, then the lower id: never the order
+    ``get_vocab()`` happens to return (a Rust-backed tokenizer's differs from process to process, and with it the
+    nearest words of every search)."""
+    chosen: dict[str, tuple[bool, int]] = {}  # word -> (unmarked, id): the smallest wins
     for token, index in tokenizer.get_vocab().items():
         word = token.removesuffix("</w>").removeprefix("▁").removeprefix("Ġ")
         if word.isalpha() and word.isascii() and (token != word or len(token) > 1):
-            words.setdefault(word.lower(), index)
-    return words
+            candidate = (token == word, index)
+            key = word.lower()
+            if key not in chosen or candidate < chosen[key]:
+                chosen[key] = candidate
+    return {word: index for word, (_, index) in sorted(chosen.items(), key=lambda item: item[1][1])}
 
 
 def nearest_words(
@@ -76,4 +84,5 @@ def nearest_words(
     unit = torch.nn.functional.normalize(table.float(), dim=1)  # a ranking: float32 is plenty
     similarity = (unit[torch.tensor(list(words.values()))] @ unit[ids].T).amax(dim=1)
     names = list(words)
-    return [names[i] for i in similarity.argsort(descending=True)[:count].tolist()]
+    # stable: equally near words keep token-id order
+    return [names[i] for i in similarity.argsort(descending=True, stable=True)[:count].tolist()]
