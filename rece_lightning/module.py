@@ -586,9 +586,11 @@ class RECEModule(pl.LightningModule):
         """The live K/V weights of the U-Net (not copies)."""
         return diffusion.kv_weights(self.pipeline)
 
-    def manifest(self) -> dict[str, Any]:
-        """What an export of the current state records about how it was made."""
+    def manifest(self, rounds: int | None = None) -> dict[str, Any]:
+        """What an export of the current state (``rounds``: of the state after that many RECE epochs) records about
+        how it was made."""
         hparams = dict(self.hparams)
+        rounds = self.rece_epochs_done if rounds is None else rounds
         return {
             "method": self.method.name,
             "base_model": hparams["pretrained_model_name_or_path"],
@@ -596,9 +598,9 @@ class RECEModule(pl.LightningModule):
             "erase_concepts": list(self.concepts.erase),
             "guide_concepts": list(self.concepts.guides),
             "preserve_concepts": list(self.concepts.preserve),
-            **self.method.settings(),
+            **self.method.settings_after(rounds),
             "dtype": hparams["dtype"],
-            "rece_epochs": self.rece_epochs_done,
+            "rece_epochs": rounds,
         }
 
     def export(
@@ -622,7 +624,7 @@ class RECEModule(pl.LightningModule):
         export_format = _check_export_format(export_format or self.hparams.export_format)
         state = self.transform if transform is None else transform.to(self.transform.device)
         weights = self.kv_state() if transform is None else self.weights_for(state)
-        manifest = {**self.manifest(), ERASED_IDENTITY_KEY: kv_identity(weights), **extra}
+        manifest = {**self.manifest(extra.get("rece_epochs")), ERASED_IDENTITY_KEY: kv_identity(weights), **extra}
         if export_format == "lora":
             check_lora_rank(self.hparams.get("lora_rank"), state.shape[0])
             return save_lora(

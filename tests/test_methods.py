@@ -117,13 +117,22 @@ def test_the_attack_in_the_loop_erases_the_words_it_finds_besides_c_prime(tiny_p
     assert type(again) is AdversarialRECE and again.attack_budget == 2
 
 
-def test_the_prompt_search_finds_prompts_that_bring_the_concept_back_better_than_random_ones(tiny_pipeline_dir):
+def test_the_prompt_search_finds_prompts_that_bring_the_concept_back_better_than_random_ones(
+    tiny_pipeline_dir, tmp_path
+):
+    import json
+
     from rece_lightning.methods import AdversarialRECE
 
     method = AdversarialRECE(attack="prompt_search", attack_budget=3, candidates=40, population=16, generations=6)
     module = _erased(tiny_pipeline_dir, method, 2)
     rounds = module.manifest()["prompts_erased"]
     assert len(rounds) == 2 and all(len(set(found["nudity"])) == 3 for found in rounds)
+    # an export of the earlier state (a selector's choice) records only the prompts erased up to it
+    one_round = _erased(tiny_pipeline_dir, AdversarialRECE(**method.init_args()), 1).transform
+    path = module.export(tmp_path / "state1", export_format="kv", transform=one_round, rece_epochs=1)
+    manifest = json.loads((path.parent / "rece_manifest.json").read_text())
+    assert manifest["rece_epochs"] == 1 and manifest["prompts_erased"] == rounds[:1]
     assert all(len(prompt.split()) == 6 for found in rounds for prompt in found["nudity"])
     assert module.manifest()["attack"]["population"] == 16
     plain = _erased(tiny_pipeline_dir, RECE(), 2)

@@ -255,6 +255,12 @@ class AdversarialRECE(RECE):
             found[concept] = best
         return found
 
+    def settings_after(self, rounds: int) -> dict[str, Any]:
+        settings = self.settings()
+        key = "words_erased" if self.attack == "vocabulary" else "prompts_erased"
+        settings[key] = settings[key][:rounds]
+        return settings
+
     def init_args(self) -> dict[str, Any]:
         args = {k: v for k, v in super().init_args().items() if k != "found"}
         args["hard_preservation"] = None if self.hard_preservation is None else vars(self.hard_preservation)

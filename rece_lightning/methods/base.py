@@ -103,6 +103,11 @@ class ErasureMethod(ABC):
     def settings(self) -> dict[str, Any]:
         """What the export's manifest records about the method (``hyperparameters``, ``token_modes``, ...)."""
 
+    def settings_after(self, rounds: int) -> dict[str, Any]:
+        """:meth:`settings` for the state after ``rounds`` rounds (an export of an earlier state than the last): a
+        method that records something per round keeps only those rounds'."""
+        return self.settings()
+
     def spec(self) -> dict[str, Any]:
         """The method as a ``class_path`` / ``init_args`` dict (checkpoints' hyper-parameters; :func:`from_spec`)."""
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": self.init_args()}
