@@ -25,6 +25,7 @@ from torch import Tensor
 from rece_lightning.attacks.base import AttackContext, AttackOutcome, PromptAttack
 from rece_lightning.attacks.unlearndiff import _ordinary_tokens
 from rece_lightning.data import PromptItem
+from rece_lightning.genetic import check_population, genetic_search
 from rece_lightning.validation import check_positive, check_positive_int
 
 
@@ -72,9 +73,7 @@ class RingABellAttack(PromptAttack):
             )
         self.strength = check_positive("strength", strength)
         self.num_tokens = check_positive_int("num_tokens", num_tokens)
-        self.population = check_positive_int("population", population)
-        if self.population < 4:
-            raise ValueError(f"population={population} is not allowed: the search needs at least 4 prompts")
+        self.population = check_population(check_positive_int("population", population))
         self.generations = check_positive_int("generations", generations)
         for name, value in (("mutation_rate", mutation_rate), ("crossover_rate", crossover_rate)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -106,10 +105,8 @@ class RingABellAttack(PromptAttack):
         vocabulary = _ordinary_tokens(tokenizer)
         length = tokenizer.model_max_length
 
-        def random_tokens(*shape: int) -> Tensor:
-            return vocabulary[torch.randint(len(vocabulary), shape, generator=generator)]
-
-        def distance(tokens: Tensor) -> Tensor:
+        def distance(choices: Tensor) -> Tensor:
+            tokens = vocabulary[choices]
             ids = torch.full((len(tokens), length), tokenizer.pad_token_id, dtype=torch.long)
             ids[:, 0] = tokenizer.bos_token_id
             ids[:, 1 : 1 + self.num_tokens] = tokens
@@ -120,29 +117,17 @@ class RingABellAttack(PromptAttack):
                 out.append((hidden - target).pow(2).mean(dim=(1, 2)).cpu())
             return torch.cat(out)
 
-        population = random_tokens(self.population, self.num_tokens)
-        scores = distance(population)
-        losses = []
-        elite = max(1, self.population // 10)
-        for _ in range(self.generations):
-            order = scores.argsort()
-            population, scores = population[order], scores[order]
-            losses.append(float(scores[0]))
-            children = self.population - elite
-            # tournament selection: the better of two random members, twice per child
-            pairs = torch.randint(self.population, (children, 2, 2), generator=generator)
-            parents = pairs.min(dim=-1).values  # lower index = lower distance after sorting
-            first, second = population[parents[:, 0]], population[parents[:, 1]]
-            cut = torch.randint(1, max(self.num_tokens, 2), (children, 1), generator=generator)
-            crossed = torch.where(torch.arange(self.num_tokens) < cut, first, second)
-            mix = torch.rand(children, 1, generator=generator) < self.crossover_rate
-            offspring = torch.where(mix, crossed, first)
-            mutate = torch.rand(children, self.num_tokens, generator=generator) < self.mutation_rate
-            offspring = torch.where(mutate, random_tokens(children, self.num_tokens), offspring)
-            population = torch.cat([population[:elite], offspring])
-            scores = torch.cat([scores[:elite], distance(offspring)])
-        best = population[scores.argmin()]
-        losses.append(float(scores.min()))
+        search = genetic_search(
+            distance,
+            len(vocabulary),
+            self.num_tokens,
+            self.population,
+            self.generations,
+            generator,
+            crossover_rate=self.crossover_rate,
+            mutation_rate=self.mutation_rate,
+        )
+        best, losses = vocabulary[search.population[0]], search.losses
         adversarial = tokenizer.decode(best.tolist())
         ids = torch.full((1, length), tokenizer.pad_token_id, dtype=torch.long)
         ids[0, 0], ids[0, 1 : 1 + self.num_tokens], ids[0, 1 + self.num_tokens] = (

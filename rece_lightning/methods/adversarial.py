@@ -27,6 +27,7 @@ from torch import Tensor
 
 from rece_lightning.closed_form import kv_distances
 from rece_lightning.data import ConceptSet
+from rece_lightning.genetic import check_population, genetic_search
 from rece_lightning.methods.base import Editor
 from rece_lightning.methods.null_space import HardPreservation
 from rece_lightning.methods.rece import RECE
@@ -120,9 +121,7 @@ class AdversarialRECE(RECE):
                 f"search_words={search_words} is not allowed: a searched prompt has at most {MAX_SEARCH_WORDS} words "
                 "(77 positions with BOS and EOS)"
             )
-        self.population = check_positive_int("population", population)
-        if self.population < 4:
-            raise ValueError(f"population={population} is not allowed: the search needs at least 4 prompts")
+        self.population = check_population(check_positive_int("population", population))
         self.generations = check_positive_int("generations", generations)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} is not allowed: give a whole number")
@@ -214,9 +213,9 @@ class AdversarialRECE(RECE):
         return list(dict.fromkeys([*own, *near, *FUNCTION_WORDS]))
 
     def strongest_prompts(self, editor: Editor, concepts: ConceptSet) -> dict[str, list[str]]:
-        """Per concept, the ``attack_budget`` best distinct prompts of a genetic search (Ring-A-Bell's: elitism,
-        tournament selection, one-point crossover, per-word mutation) over ``search_words``-word prompts, with
-        :meth:`_scores` in the current model as the fitness."""
+        """Per concept, the ``attack_budget`` best distinct prompts of Ring-A-Bell's genetic search
+        (:func:`~rece_lightning.genetic.genetic_search`) over ``search_words``-word prompts, with :meth:`_scores` in
+        the current model as the fitness."""
         generator = torch.Generator().manual_seed(self.seed + len(self.found))
         found = {}
         for concept, guide in zip(concepts.erase, concepts.guides, strict=True):
@@ -227,27 +226,12 @@ class AdversarialRECE(RECE):
                 embeddings = torch.stack([e.embedding for e in editor.encoded_uncached(prompts)])
                 return self._scores(editor, embeddings, concept, guide).cpu()
 
-            population = torch.randint(len(words), (self.population, self.search_words), generator=generator)
-            scores = fitness(population)
-            elite = max(1, self.population // 10)
-            for _ in range(self.generations):
-                order = scores.argsort()
-                population, scores = population[order], scores[order]
-                children = self.population - elite
-                parents = torch.randint(self.population, (children, 2, 2), generator=generator).min(dim=-1).values
-                first, second = population[parents[:, 0]], population[parents[:, 1]]
-                cut = torch.randint(1, max(self.search_words, 2), (children, 1), generator=generator)
-                crossed = torch.where(torch.arange(self.search_words) < cut, first, second)
-                offspring = torch.where(torch.rand(children, 1, generator=generator) < 0.5, crossed, first)
-                mutate = torch.rand(children, self.search_words, generator=generator) < 0.25
-                offspring = torch.where(
-                    mutate, torch.randint(len(words), offspring.shape, generator=generator), offspring
-                )
-                population = torch.cat([population[:elite], offspring])
-                scores = torch.cat([scores[:elite], fitness(offspring)])
+            search = genetic_search(
+                fitness, len(words), self.search_words, self.population, self.generations, generator
+            )
             best: list[str] = []
-            for index in scores.argsort().tolist():
-                prompt = " ".join(words[i] for i in population[index].tolist())
+            for row in search.population.tolist():
+                prompt = " ".join(words[i] for i in row)
                 if prompt not in best:
                     best.append(prompt)
                 if len(best) == self.attack_budget:
@@ -255,10 +239,14 @@ class AdversarialRECE(RECE):
             found[concept] = best
         return found
 
+    @property
+    def _found_key(self) -> str:
+        """The manifest field of what each round's attack found."""
+        return "words_erased" if self.attack == "vocabulary" else "prompts_erased"
+
     def settings_after(self, rounds: int) -> dict[str, Any]:
         settings = self.settings()
-        key = "words_erased" if self.attack == "vocabulary" else "prompts_erased"
-        settings[key] = settings[key][:rounds]
+        settings[self._found_key] = settings[self._found_key][:rounds]
         return settings
 
     def init_args(self) -> dict[str, Any]:
@@ -277,5 +265,5 @@ class AdversarialRECE(RECE):
                 seed=self.seed,
             )
         settings["hard_preservation"] = None if self.hard_preservation is None else dict(vars(self.hard_preservation))
-        settings["words_erased" if self.attack == "vocabulary" else "prompts_erased"] = self.found
+        settings[self._found_key] = self.found
         return settings
