@@ -332,20 +332,19 @@ class RECEModule(pl.LightningModule):
             found = self.base_cache.encodings(
                 self.pipeline, missing, lambda texts: self.family.encode(self.pipeline, texts)
             )
-            device = self.family.denoiser(self.pipeline).device
-            for prompt, encoded in zip(missing, found, strict=True):
-                pooled = None if encoded.pooled is None else encoded.pooled.to(device)
-                self._embeddings[prompt] = EncodedPrompt(encoded.embedding.to(device), encoded.length, pooled)
+            self._embeddings.update(zip(missing, self._on_unet_device(found), strict=True))
         return [self._embeddings[p] for p in prompts]
 
-    @torch.no_grad()
     def encoded_uncached(self, prompts: list[str]) -> list[EncodedPrompt]:
         """Text-encoder outputs of ``prompts`` on the U-Net's device, kept nowhere: a search's thousands of throwaway
         candidates would otherwise fill the memory and disk caches."""
+        return self._on_unet_device(self.family.encode(self.pipeline, prompts))
+
+    def _on_unet_device(self, encodings: list[EncodedPrompt]) -> list[EncodedPrompt]:
         device = self.family.denoiser(self.pipeline).device
         return [
             EncodedPrompt(e.embedding.to(device), e.length, None if e.pooled is None else e.pooled.to(device))
-            for e in self.family.encode(self.pipeline, prompts)
+            for e in encodings
         ]
 
     def preserved(self, concepts: ConceptSet, with_guides: bool = True, with_preserve: bool = True) -> list[Tensor]:
