@@ -57,7 +57,8 @@ def add_recipe_options(parser, rows: str, preserve: str) -> None:
 
 
 def check_recipe_options(parser, args) -> None:
-    """Refuse an energy outside (0, 1] or a reg <= 0 before any model loads (``--budget``: common.parse's check)."""
+    """Refuse an energy outside (0, 1], a reg or an erase scale <= 0 before any model loads (``--budget``:
+    common.parse's check)."""
     if not 0 < args.energy <= 1:
         parser.error(f"--energy={args.energy} is not allowed: it must be in (0, 1]")
     if args.ns_reg is not None and not args.ns_reg > 0:
