@@ -23,7 +23,7 @@ from pathlib import Path
 import toy_common as common
 import toy_redteam
 
-from rece_lightning.methods import RECE, AdversarialRECE, HardPreservation, NullSpaceRECE
+from rece_lightning.methods import RECE, AdversarialRECE, HardPreservation, NullSpaceRECE, ProjectionRECE
 from rece_lightning.toyworld import COLOURS, SHAPES
 from rece_lightning.toyworld.measure import combination_prompts, implicit_prompts
 
@@ -50,6 +50,7 @@ def add_recipe_options(parser, rows: str, preserve: str) -> None:
     parser.add_argument(
         "--ns-erase-scale", type=float, default=None, help="Eq. 3's erase scale of the hard-preserving methods"
     )
+    parser.add_argument("--share", type=float, default=0.9, help="RECE-P: share of the out-of-reach energy removed")
     parser.add_argument("--budget", type=int, default=4, help="words the in-loop attack erases per round")
     parser.add_argument(
         "--attack", choices=["vocabulary", "prompt_search"], default="vocabulary", help="the in-loop attack"
@@ -63,6 +64,8 @@ def check_recipe_options(parser, args) -> None:
         parser.error(f"--energy={args.energy} is not allowed: it must be in (0, 1]")
     if args.ns_reg is not None and not args.ns_reg > 0:
         parser.error(f"--ns-reg={args.ns_reg} is not allowed: it must be > 0")
+    if not 0 < args.share <= 1:
+        parser.error(f"--share={args.share} is not allowed: it must be in (0, 1]")
     if args.ns_erase_scale is not None and not args.ns_erase_scale > 0:
         parser.error(f"--ns-erase-scale={args.ns_erase_scale} is not allowed: it must be > 0")
 
@@ -80,6 +83,7 @@ def recipes(args, erased: list[str]) -> dict[str, tuple]:
         "rece_ns": (NullSpaceRECE, hard_options, kept),
         "rece_adv": (AdversarialRECE, attack, None),
         "rece_adv_ns": (AdversarialRECE, {**attack, **hard_options}, kept),
+        "rece_p": (ProjectionRECE, {**hard_options, "share": args.share}, kept),
     }
 
 
@@ -125,7 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=["rece", "rece_ns", "rece_adv", "rece_adv_ns"],
+        choices=["rece", "rece_ns", "rece_adv", "rece_adv_ns", "rece_p"],
         default=["rece", "rece_ns", "rece_adv", "rece_adv_ns"],
         help="the methods beside the original and UCE (rece first: UCE's state comes from it)",
     )
@@ -152,6 +156,7 @@ def main(argv=None) -> None:
         "ns_erase_scale": args.ns_erase_scale,
         "fixed_epochs": args.fixed_epochs,
         "budget": args.budget,
+        "share": args.share,
         "attack": args.attack,
         "methods": {},
     }
@@ -194,6 +199,7 @@ LABELS = {
     "rece_ns": "RECE-NS",
     "rece_adv": "RECE-ADV",
     "rece_adv_ns": "RECE-ADV+NS",
+    "rece_p": "RECE-P",
 }
 
 

@@ -192,6 +192,55 @@ def null_space_basis(preserved: Sequence[Tensor], energy: float = 1.0, rtol: flo
     return free
 
 
+def concept_projection(
+    hessian: Tensor, free: Tensor, rows: Tensor, share: float = 0.9, jitter: float = 1e-8
+) -> tuple[Tensor, int]:
+    """An edit that takes a concept's directions out of every input, so that no input reaches its output (RECE-P).
+
+    ``X = I - H^-1 V (V^T H^-1 V)^-1 V^T`` with ``H = M^T G M`` (Eq. 8's matrix in the current state M) and V (d x k)
+    inside the free directions ``free`` (:func:`null_space_basis`). ``X`` is the H-orthogonal projection onto
+    ``{y : V^T y = 0}``: idempotent, the identity on every input orthogonal to V (the hard-preserved span among them),
+    and each input's new K/V output is the nearest, to its current one, of the outputs the new state can make. Eq. 3's
+    edits are invertible, so any output stays reachable (Eq. 8 finds ``X^-1 c``, only costlier under its reg); after
+    this one, the rows' current K/V energy ``sum_rows r^T V (V^T H^-1 V)^-1 V^T r`` is out of every input's reach.
+    Given the derived embedding c' as rows (its current output is the concept's original one, Eq. 8), that is the
+    concept's output.
+
+    V holds the top-k directions of the generalized eigenproblem ``(U^T R^T R U) a = mu (U^T H^-1 U) a`` (U =
+    ``free``, R = ``rows``): each direction's mu is the energy its removal puts out of reach, and k is the fewest
+    directions holding ``share`` of the total. ``jitter`` (times H's mean diagonal) keeps H invertible after an earlier
+    projection made it singular. Returns ``(X, k)`` in float64.
+    """
+    check_number("share", share, strictly_above=0, maximum=1)
+    hessian = hessian.to(_SOLVE_DTYPE)
+    dim = hessian.shape[0]
+    if free.ndim != 2 or free.shape[0] != dim or free.shape[1] == 0:
+        raise ValueError(f"free has shape {tuple(free.shape)}; expected (d={dim}, m) with m >= 1")
+    free = free.to(device=hessian.device, dtype=_SOLVE_DTYPE)
+    rows = rows.to(device=hessian.device, dtype=_SOLVE_DTYPE).reshape(-1, dim)
+    regularised = hessian + jitter * float(hessian.diagonal().mean()) * _eye(dim, hessian.device)
+    factor = torch.linalg.cholesky(regularised)
+    metric = free.T @ torch.cholesky_solve(free, factor)  # U^T H^-1 U, m x m, SPD
+    metric_factor = torch.linalg.cholesky(metric)
+    projected = rows @ free
+    energy = projected.T @ projected  # U^T R^T R U
+    half = torch.linalg.solve_triangular(metric_factor, energy, upper=False)
+    whitened = torch.linalg.solve_triangular(metric_factor, half.T, upper=False)  # L^-1 A L^-T
+    values, vectors = torch.linalg.eigh(_symmetric(whitened))
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    total = float(values.sum())
+    if total <= 0:
+        return _eye(dim, hessian.device), 0
+    kept = int(torch.searchsorted(values.cumsum(0) / total, torch.tensor(share, dtype=_SOLVE_DTYPE))) + 1
+    kept = min(kept, values.shape[0])
+    directions = free @ torch.linalg.solve_triangular(metric_factor.T, vectors[:, :kept], upper=True)
+    directions, _ = torch.linalg.qr(directions)
+    inverse_directions = torch.cholesky_solve(directions, factor)  # H^-1 V
+    core = torch.linalg.cholesky(directions.T @ inverse_directions)
+    update = _eye(dim, hessian.device) - inverse_directions @ torch.cholesky_solve(directions.T, core)
+    return update, kept
+
+
 def _null_space_solution(
     sources: Tensor,
     destinations: Tensor,

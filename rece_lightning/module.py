@@ -494,6 +494,27 @@ class RECEModule(pl.LightningModule):
         self.edits_applied += 1
         self._factors = None if edited.left is None else (int(self.edits_applied), edited.left, edited.right)
 
+    def compose(self, update: Tensor) -> None:
+        """Compose a d x d ``update`` into the state (``W_new = W_cur @ update`` for every K/V) and the weights, for a
+        method whose edit is not Eq. 3's (RECE-P's projection); refuse non-finite results."""
+        update = update.to(device=self.transform.device, dtype=torch.float64)
+        if update.shape != self.transform.shape:
+            raise ValueError(
+                f"update has shape {tuple(update.shape)}; the state's transform is {tuple(self.transform.shape)}"
+            )
+        edited = closed_form.SharedState.from_transform(self.gram, self.transform @ update)
+        if not (all_finite(edited.transform) and all_finite(edited.hessian)):
+            raise FloatingPointError(
+                f"{self.method.name} edit {int(self.edits_applied)} gives a non-finite transform. "
+                "The run stops and nothing is exported."
+            )
+        if self._write_edits:
+            self._write(edited.transform, previous=self.transform)
+        self.transform.copy_(edited.transform)
+        self.hessian.copy_(edited.hessian)
+        self.edits_applied += 1
+        self._factors = None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[BASE_IDENTITY_KEY] = self.base_identity  # load_erased refuses the transform on another base
         # The low-rank factors decide how the weights are rounded when written: kept, a resumed run is bit-exact.

@@ -414,3 +414,44 @@ def test_all_finite_finds_a_single_nan_or_inf_anywhere(dtype):
             broken = weight.clone()
             broken[position] = bad
             assert not all_finite(broken), (position, bad)
+
+
+def test_the_concept_projection_is_the_h_orthogonal_projection_that_puts_the_most_energy_out_of_reach():
+    torch.manual_seed(0)
+    dim = 12
+    factor = torch.randn(dim, dim, dtype=torch.float64)
+    hessian = factor @ factor.T + 0.5 * torch.eye(dim, dtype=torch.float64)  # SPD, as M^T G M of an invertible state
+    preserved = torch.randn(3, dim, dtype=torch.float64)
+    free = closed_form.null_space_basis([preserved])  # 9 free directions
+    rows = torch.randn(5, dim, dtype=torch.float64)
+    update, removed = closed_form.concept_projection(hessian, free, rows, share=0.9)
+    assert 1 <= removed <= free.shape[1]
+    assert torch.allclose(update @ update, update, atol=1e-10)  # idempotent
+    assert torch.allclose(update @ preserved.T, preserved.T, atol=1e-10)  # the preserved span is left as it is
+    # each input goes to the H-nearest point of the range: an independent least squares over a basis of that range
+    left, values, _ = torch.linalg.svd(update)
+    basis = left[:, : int((values > 1e-8).sum())]
+    assert basis.shape[1] == dim - removed
+    probe = torch.randn(dim, 4, dtype=torch.float64)
+    nearest = basis @ torch.linalg.solve(basis.T @ hessian @ basis, basis.T @ hessian @ probe)
+    assert torch.allclose(update @ probe, nearest, atol=1e-9)
+
+    def out_of_reach(transform: torch.Tensor) -> float:
+        moved = rows.T - transform @ rows.T
+        return float(torch.einsum("in,ij,jn->", moved, hessian, moved))
+
+    # the energy put out of reach: the top generalized eigenvalues (numpy, independently), `share` of their total
+    import numpy as np
+
+    metric = (free.T @ torch.linalg.solve(hessian, free)).numpy()
+    energy = (free.T @ rows.T @ rows @ free).numpy()
+    mus = np.sort(np.linalg.eigvals(np.linalg.solve(metric, energy)).real)[::-1].clip(min=0)
+    assert out_of_reach(update) == pytest.approx(mus[:removed].sum(), rel=1e-8)
+    assert mus[:removed].sum() >= 0.9 * mus.sum() > mus[: removed - 1].sum()
+    for _ in range(10):  # any other `removed` free directions put less out of reach
+        other = free @ torch.linalg.qr(torch.randn(free.shape[1], removed, dtype=torch.float64))[0]
+        inverse = torch.linalg.solve(hessian, other)
+        rival = torch.eye(dim, dtype=torch.float64) - inverse @ torch.linalg.solve(other.T @ inverse, other.T)
+        assert out_of_reach(rival) < out_of_reach(update)
+    with pytest.raises(ValueError, match="share=1.5 is not allowed"):
+        closed_form.concept_projection(hessian, free, rows, share=1.5)

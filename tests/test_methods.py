@@ -241,3 +241,47 @@ def test_the_new_methods_are_observed_by_the_callbacks_and_exported_in_every_for
     for name, weight in diffusion.kv_weights(fresh).items():
         assert torch.equal(weight, exported[name].to(weight.dtype)), name
         assert not torch.equal(weight, module.original_kv[name])
+
+
+def test_after_rece_p_no_input_reaches_the_concepts_output_while_after_rece_ns_one_does(tmp_path):
+    from rece_lightning import testing
+    from rece_lightning.export import read_manifest
+    from rece_lightning.methods import HardPreservation, NullSpaceRECE, ProjectionRECE
+
+    wide = testing.build_tiny_pipeline(tmp_path / "wide", max_length=16, text_width=64)
+
+    def erased(method):
+        module = RECEModule(
+            str(wide),
+            erase_concepts=["nudity"],
+            preserve_concepts=["a photo of a cat"],
+            method=method,
+            export_dir=None,
+        )
+        module.attach_pipeline(diffusion.load_pipeline(str(wide)))
+        module.erase(2)
+        return module
+
+    def reach_miss(module) -> float:
+        """How far the nearest output any input makes stays from the concept's original K/V (least squares in the
+        K/V norm, G = L L^T), relative to their size: what no attack on the prompt embedding can close."""
+        chol = torch.linalg.cholesky(module.gram)
+        concept = module.encoded(["nudity"])[0].embedding.double().T
+        system, target = chol.T @ module.transform, chol.T @ concept
+        solution = torch.linalg.lstsq(system, target, driver="gelsd").solution
+        return float((system @ solution - target).norm() ** 2 / target.norm() ** 2)
+
+    hard = HardPreservation()
+    projected, pushed = erased(ProjectionRECE(hard_preservation=hard)), erased(NullSpaceRECE(hard_preservation=hard))
+    assert reach_miss(pushed) < 1e-9  # Eq. 3's edits are invertible: X^-1 c brings the concept back
+    assert reach_miss(projected) > 1e-2
+    cat = projected.encoded(["a photo of a cat"])[0].embedding.double()
+    for name, original in projected.original_kv.items():
+        before, after = original.double() @ cat.T, projected.kv_state()[name].double() @ cat.T
+        assert (after - before).abs().max() < 1e-5 * before.abs().max(), name  # kept exactly (float32 weights)
+    manifest = projected.manifest()
+    assert manifest["method"] == "RECE-P"
+    assert len(manifest["projection"]["directions_removed"]) == 3  # the initial edit and two rounds
+    assert len(projected.manifest(rounds=1)["projection"]["directions_removed"]) == 2
+    folder = projected.export(tmp_path / "erased")
+    assert read_manifest(folder)["method"] == "RECE-P"

@@ -37,10 +37,12 @@ def check_regulariser(name: str, value: float) -> float:
 
 class Editor(Protocol):
     """What a method may use: the encodings, Eq. 2's preserve rows, Eq. 8 and Eq. 3 on the current state, and the
-    state itself (``transform`` M with every K/V at ``W_orig M``; ``gram`` G = sum W_orig^T W_orig), read-only."""
+    state itself (``transform`` M with every K/V at ``W_orig M``; ``gram`` G = sum W_orig^T W_orig; ``hessian``
+    M^T G M, Eq. 8's matrix), read-only."""
 
     transform: Tensor
     gram: Tensor
+    hessian: Tensor
 
     def encoded(self, prompts: list[str]) -> list[EncodedPrompt]:
         """Encodings of ``prompts`` as the K/V read them (cached per base model)."""
@@ -68,6 +70,9 @@ class Editor(Protocol):
     ) -> None:
         """Compose one Eq. 3 edit (sources -> targets, preserving ``preserved``) into the state; ``null_space``
         confines the update to those directions (hard preservation)."""
+
+    def compose(self, update: Tensor) -> None:
+        """Compose any d x d ``update`` into the state (``W_new = W_cur @ update``): an edit that is not Eq. 3's."""
 
     def words_near(self, prompts: list[str], count: int, exclude: set[str] | None = None) -> list[str]:
         """Whole vocabulary words nearest to the prompts' tokens (input token embeddings)."""
