@@ -403,3 +403,14 @@ def test_a_benchmark_pointed_at_a_missing_model_stops_at_once(script, tmp_path, 
     stderr = capsys.readouterr().err
     assert stopped.value.code == 2 and "no-such-model" in stderr and "model_index.json" in stderr, stderr
     assert not list(tmp_path.glob("o*"))  # nothing written
+
+
+def test_a_wider_toy_model_reads_a_wider_text_encoder_and_a_bad_width_is_refused_before_training(capsys):
+    from rece_lightning.toyworld import model as toy_model
+    from rece_lightning.toyworld import training
+
+    wide = toy_model.build_components(seed=0, text_width=64)
+    assert wide.text_encoder.config.hidden_size == 64 and wide.unet.config.cross_attention_dim == 64
+    with pytest.raises(SystemExit):
+        training.main(["--output", "unused", "--text-width", "130"])
+    assert "--text-width=130 is not allowed: it must be a multiple of 4" in capsys.readouterr().err

@@ -74,8 +74,9 @@ def build_tokenizer():
     )
 
 
-def build_components(seed: int = 0) -> ToyComponents:
-    """Freshly initialised components."""
+def build_components(seed: int = 0, text_width: int = TEXT_WIDTH) -> ToyComponents:
+    """Freshly initialised components; ``text_width``: the text encoder's width d, which the K/V read (the shipped
+    model's 128, or wider: README, "Beyond RECE")."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -84,8 +85,8 @@ def build_components(seed: int = 0) -> ToyComponents:
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=2 * TEXT_WIDTH,
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=MAX_TOKENS,
@@ -119,7 +120,7 @@ def build_components(seed: int = 0) -> ToyComponents:
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH,
+        cross_attention_dim=text_width,
         attention_head_dim=2,  # heads (diffusers' SD naming): 2 heads of 32 run 20 % faster on CPU than 8 of 8
         norm_num_groups=32,
     )

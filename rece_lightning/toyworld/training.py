@@ -206,12 +206,13 @@ def train_toy_model(
     log_dir: str | Path = "runs/toyworld",
     measure_images: int = 4,
     text_lr: float = 0.0,
+    text_width: int = toy_model.TEXT_WIDTH,
 ) -> dict:
     """Train the whole toy model, save it to ``output`` and return what ``toyworld.json`` records."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     pl.seed_everything(seed, workers=True)
-    components = toy_model.build_components(seed)
+    components = toy_model.build_components(seed, text_width=text_width)
     images, captions, neutral = render_dataset(num_scenes, seed)
     timings["render_s"] = time.perf_counter() - started
 
@@ -257,6 +258,7 @@ def train_toy_model(
         "grey_share": world.NEUTRAL_SHARE,
         "null_embedding_share_of_grey": training.null_share,
         "text_encoder": "frozen at its random initialisation" if text_lr == 0 else f"trained, lr {text_lr:g}",
+        "text_width": text_width,
         "min_snr_gamma": training.snr_gamma,
         "vae_scaling_factor": scaling_factor,
         "vae_reconstruction_mse": vae_mse,
@@ -294,7 +296,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-lr", type=float, default=0.0, help="text encoder learning rate (0: frozen)")
     parser.add_argument("--log-dir", default="runs/toyworld", help="TensorBoard logs of both training runs")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--text-width",
+        type=int,
+        default=toy_model.TEXT_WIDTH,
+        help="the text encoder's width d (a multiple of its 4 heads; the shipped model: 128)",
+    )
     args = parser.parse_args(argv)
+    if args.text_width < 4 or args.text_width % 4:
+        parser.error(f"--text-width={args.text_width} is not allowed: it must be a multiple of 4 (the encoder's heads)")
     for name in ("num_scenes", "vae_steps", "unet_steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: it must be >= 1")
@@ -311,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         log_dir=args.log_dir,
         text_lr=args.text_lr,
+        text_width=args.text_width,
     )
     print(json.dumps(card, indent=2))
 
