@@ -1,5 +1,6 @@
 """What the methods beyond RECE cost, on SD-1.4 or SDXL shapes with random weights: RECE, RECE-NS (hard
-preservation of ``--preserved`` prompts), RECE-ADV (the vocabulary attack in the loop) and RECE-ADV with the prompt
+preservation of ``--preserved`` prompts), RECE-P (the same, c' projected out: ``rece_p``), RECE-ADV (the vocabulary
+attack in the loop) and RECE-ADV with the prompt
 search in the loop (``rece_search``: ``--population`` x (``--generations`` + 1) prompts encoded per round), timed in
 one run.
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_erase import CLIP_TOKENIZER, build_shaped_pipeline  # noqa: E402
 
 from rece_lightning import RECEModule, diffusion  # noqa: E402
-from rece_lightning.methods import RECE, AdversarialRECE, HardPreservation, NullSpaceRECE  # noqa: E402
+from rece_lightning.methods import RECE, AdversarialRECE, HardPreservation, NullSpaceRECE, ProjectionRECE  # noqa: E402
 
 PRESERVED = (
     "a photo of a person",
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=["rece", "rece_ns", "rece_adv", "rece_search"],
+        choices=["rece", "rece_ns", "rece_p", "rece_adv", "rece_search"],
         default=["rece", "rece_ns", "rece_adv"],
     )
     parser.add_argument("--tokenizer", type=Path, default=CLIP_TOKENIZER if CLIP_TOKENIZER.is_dir() else None)
@@ -66,6 +67,7 @@ def main() -> None:
     methods = {
         "rece": (lambda: RECE(), None),
         "rece_ns": (lambda: NullSpaceRECE(hard_preservation=HardPreservation()), list(PRESERVED)),
+        "rece_p": (lambda: ProjectionRECE(hard_preservation=HardPreservation()), list(PRESERVED)),
         "rece_adv": (lambda: AdversarialRECE(attack_budget=args.budget, candidates=args.candidates), None),
         "rece_search": (
             lambda: AdversarialRECE(

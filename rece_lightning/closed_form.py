@@ -194,7 +194,7 @@ def null_space_basis(preserved: Sequence[Tensor], energy: float = 1.0, rtol: flo
 
 def concept_projection(
     hessian: Tensor, free: Tensor, rows: Tensor, share: float = 0.9, jitter: float = 1e-8
-) -> tuple[Tensor, int]:
+) -> tuple[Tensor, Tensor]:
     """An edit that takes a concept's directions out of every input, so that no input reaches its output (RECE-P).
 
     ``X = I - H^-1 V (V^T H^-1 V)^-1 V^T`` with ``H = M^T G M`` (Eq. 8's matrix in the current state M) and V (d x k)
@@ -209,7 +209,8 @@ def concept_projection(
     V holds the top-k directions of the generalized eigenproblem ``(U^T R^T R U) a = mu (U^T H^-1 U) a`` (U =
     ``free``, R = ``rows``): each direction's mu is the energy its removal puts out of reach, and k is the fewest
     directions holding ``share`` of the total. ``jitter`` (times H's mean diagonal) keeps H invertible after an earlier
-    projection made it singular. Returns ``(X, k)`` in float64.
+    projection made it singular. Returns the factors ``(left, right)`` (d x k, float64) of ``X = I + left @ right^T``
+    (``left = -H^-1 V (V^T H^-1 V)^-1``, ``right = V``): k directions, composed in O(d^2 k).
     """
     check_number("share", share, strictly_above=0, maximum=1)
     hessian = hessian.to(_SOLVE_DTYPE)
@@ -222,23 +223,31 @@ def concept_projection(
     factor = torch.linalg.cholesky(regularised)
     metric = free.T @ torch.cholesky_solve(free, factor)  # U^T H^-1 U, m x m, SPD
     metric_factor = torch.linalg.cholesky(metric)
-    projected = rows @ free
-    energy = projected.T @ projected  # U^T R^T R U
-    half = torch.linalg.solve_triangular(metric_factor, energy, upper=False)
-    whitened = torch.linalg.solve_triangular(metric_factor, half.T, upper=False)  # L^-1 A L^-T
-    values, vectors = torch.linalg.eigh(_symmetric(whitened))
-    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    # L^-1 (U^T R^T R U) L^-T = Z^T Z with Z = R U L^-T (rows x m): its right singular vectors, not an m x m eigh
+    whitened = torch.linalg.solve_triangular(metric_factor, (rows @ free).T, upper=False).T
+    _, singular, vectors_t = torch.linalg.svd(whitened, full_matrices=False)
+    values, vectors = singular**2, vectors_t.T
     total = float(values.sum())
     if total <= 0:
-        return _eye(dim, hessian.device), 0
+        empty = torch.zeros(dim, 0, dtype=_SOLVE_DTYPE, device=hessian.device)
+        return empty, empty.clone()
     kept = int(torch.searchsorted(values.cumsum(0) / total, torch.tensor(share, dtype=_SOLVE_DTYPE))) + 1
     kept = min(kept, values.shape[0])
     directions = free @ torch.linalg.solve_triangular(metric_factor.T, vectors[:, :kept], upper=True)
     directions, _ = torch.linalg.qr(directions)
     inverse_directions = torch.cholesky_solve(directions, factor)  # H^-1 V
     core = torch.linalg.cholesky(directions.T @ inverse_directions)
-    update = _eye(dim, hessian.device) - inverse_directions @ torch.cholesky_solve(directions.T, core)
-    return update, kept
+    return -torch.cholesky_solve(inverse_directions.T, core).T, directions
+
+
+def compose_low_rank(state: SharedState, left: Tensor, right: Tensor) -> SharedState:
+    """The state after ``X = I + left @ right^T`` (d x k factors): ``M X`` and ``X^T H X`` in O(d^2 k), not d^3."""
+    left = left.to(device=state.transform.device, dtype=_SOLVE_DTYPE)
+    right = right.to(device=state.transform.device, dtype=_SOLVE_DTYPE)
+    transform = torch.addmm(state.transform, state.transform @ left, right.T)
+    weighted = state.hessian @ left  # H L
+    hessian = state.hessian + right @ weighted.T + weighted @ right.T + right @ (left.T @ weighted) @ right.T
+    return SharedState(transform, _symmetric(hessian))
 
 
 def _null_space_solution(

@@ -494,15 +494,15 @@ class RECEModule(pl.LightningModule):
         self.edits_applied += 1
         self._factors = None if edited.left is None else (int(self.edits_applied), edited.left, edited.right)
 
-    def compose(self, update: Tensor) -> None:
-        """Compose a d x d ``update`` into the state (``W_new = W_cur @ update`` for every K/V) and the weights, for a
-        method whose edit is not Eq. 3's (RECE-P's projection); refuse non-finite results."""
-        update = update.to(device=self.transform.device, dtype=torch.float64)
-        if update.shape != self.transform.shape:
+    def compose(self, left: Tensor, right: Tensor) -> None:
+        """Compose ``X = I + left @ right^T`` (d x k factors) into the state (``W_new = W_cur @ X`` for every K/V) and
+        the weights, for a method whose edit is not Eq. 3's (RECE-P's projection); refuse non-finite results."""
+        if left.shape != right.shape or left.ndim != 2 or left.shape[0] != self.transform.shape[0]:
             raise ValueError(
-                f"update has shape {tuple(update.shape)}; the state's transform is {tuple(self.transform.shape)}"
+                f"left {tuple(left.shape)} and right {tuple(right.shape)} must be two (d={self.transform.shape[0]}, k) "
+                "factors"
             )
-        edited = closed_form.SharedState.from_transform(self.gram, self.transform @ update)
+        edited = closed_form.compose_low_rank(closed_form.SharedState(self.transform, self.hessian), left, right)
         if not (all_finite(edited.transform) and all_finite(edited.hessian)):
             raise FloatingPointError(
                 f"{self.method.name} edit {int(self.edits_applied)} gives a non-finite transform. "

@@ -424,8 +424,15 @@ def test_the_concept_projection_is_the_h_orthogonal_projection_that_puts_the_mos
     preserved = torch.randn(3, dim, dtype=torch.float64)
     free = closed_form.null_space_basis([preserved])  # 9 free directions
     rows = torch.randn(5, dim, dtype=torch.float64)
-    update, removed = closed_form.concept_projection(hessian, free, rows, share=0.9)
+    left, right = closed_form.concept_projection(hessian, free, rows, share=0.9)
+    update, removed = torch.eye(dim, dtype=torch.float64) + left @ right.T, right.shape[1]
     assert 1 <= removed <= free.shape[1]
+    # composed into a state in O(d^2 k): the same transform and Eq. 8 matrix as the dense products
+    state = closed_form.SharedState.from_transform(hessian, torch.eye(dim, dtype=torch.float64) + 0.1 * factor)
+    composed = closed_form.compose_low_rank(state, left, right)
+    dense = closed_form.SharedState.from_transform(hessian, state.transform @ update)
+    assert torch.allclose(composed.transform, dense.transform, atol=1e-10)
+    assert torch.allclose(composed.hessian, dense.hessian, rtol=1e-9, atol=1e-8)
     assert torch.allclose(update @ update, update, atol=1e-10)  # idempotent
     assert torch.allclose(update @ preserved.T, preserved.T, atol=1e-10)  # the preserved span is left as it is
     # each input goes to the H-nearest point of the range: an independent least squares over a basis of that range

@@ -71,8 +71,9 @@ class Editor(Protocol):
         """Compose one Eq. 3 edit (sources -> targets, preserving ``preserved``) into the state; ``null_space``
         confines the update to those directions (hard preservation)."""
 
-    def compose(self, update: Tensor) -> None:
-        """Compose any d x d ``update`` into the state (``W_new = W_cur @ update``): an edit that is not Eq. 3's."""
+    def compose(self, left: Tensor, right: Tensor) -> None:
+        """Compose ``X = I + left @ right^T`` (d x k factors) into the state (``W_new = W_cur @ X``): an edit that is
+        not Eq. 3's."""
 
     def words_near(self, prompts: list[str], count: int, exclude: set[str] | None = None) -> list[str]:
         """Whole vocabulary words nearest to the prompts' tokens (input token embeddings)."""

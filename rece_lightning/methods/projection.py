@@ -52,9 +52,9 @@ class ProjectionRECE(NullSpaceRECE):
         self._project(editor, concepts, torch.cat([derived[name] for name in concepts.erase]))
 
     def _project(self, editor: Editor, concepts: ConceptSet, rows: torch.Tensor) -> None:
-        update, removed = concept_projection(editor.hessian, self.null_space(editor, concepts), rows, self.share)
-        editor.compose(update)
-        self._removed.append(removed)
+        left, right = concept_projection(editor.hessian, self.null_space(editor, concepts), rows, self.share)
+        editor.compose(left, right)
+        self._removed.append(right.shape[1])
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()
