@@ -285,3 +285,28 @@ def test_after_rece_p_no_input_reaches_the_concepts_output_while_after_rece_ns_o
     assert len(projected.manifest(rounds=1)["projection"]["directions_removed"]) == 2
     folder = projected.export(tmp_path / "erased")
     assert read_manifest(folder)["method"] == "RECE-P"
+
+
+def test_a_sweeps_next_module_reuses_the_null_space_of_the_same_preserved_prompts(tiny_pipeline_dir, monkeypatch):
+    from rece_lightning.methods import HardPreservation, NullSpaceRECE, null_space
+
+    made = []
+    original = null_space.null_space_basis
+    monkeypatch.setattr(
+        null_space, "null_space_basis", lambda rows, energy: made.append(energy) or original(rows, energy)
+    )
+    monkeypatch.setattr(null_space, "_BASES", type(null_space._BASES)())
+    pipeline = diffusion.load_pipeline(str(tiny_pipeline_dir))
+    bases = []
+    for energy in (0.9, 0.9, 0.8):
+        module = RECEModule(
+            str(tiny_pipeline_dir),
+            preserve_concepts=["a photo of a cat"],
+            method=NullSpaceRECE(hard_preservation=HardPreservation(energy=energy)),
+            export_dir=None,
+        )
+        module.attach_pipeline(pipeline)
+        module.erase(1)
+        bases.append(module.method.null_space(module, module.concepts))
+    assert made == [0.9, 0.8]  # the second module found the first's basis; another energy is another basis
+    assert torch.equal(bases[0], bases[1]) and bases[0].shape != bases[2].shape

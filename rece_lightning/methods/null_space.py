@@ -9,6 +9,8 @@ update ``X - I`` vanishes on its span (``closed_form.null_space_basis``), and wh
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,10 +71,29 @@ class HardPreservation:
         return cache[key]
 
     def basis(self, editor: Editor, concepts: ConceptSet) -> Tensor:
-        """The null space U (d x m) of the hard-preserved prompts' embeddings (``rows``: their positions)."""
+        """The null space U (d x m) of the hard-preserved prompts' embeddings (``rows``: their positions).
+
+        Kept in memory by the rows' content and ``energy`` (:data:`_BASES`): the next module of a sweep over the same
+        base and prompts skips the d x d eigendecomposition (0.12 s on SD 1.4's d = 768, 20 % of a warm erasure).
+        """
         encoded = editor.encoded(self.prompts(editor, concepts))
         rows = [(e.embedding if self.rows == "all" else e.embedding[: e.length]).to(torch.float64) for e in encoded]
-        return null_space_basis(rows, energy=self.energy)
+        digest = hashlib.sha256()
+        for row in rows:
+            digest.update(str(tuple(row.shape)).encode())
+            digest.update(row.detach().to("cpu").contiguous().numpy().tobytes())
+        key = (digest.hexdigest(), self.energy, rows[0].device.type)
+        if key not in _BASES:
+            _BASES[key] = null_space_basis(rows, energy=self.energy)
+            while len(_BASES) > _MAX_BASES:
+                _BASES.popitem(last=False)
+        _BASES.move_to_end(key)
+        return _BASES[key].to(rows[0].device)
+
+
+# Null-space bases by the content of the rows they were made from (most recent last): a few d x m float64 matrices.
+_BASES: OrderedDict[tuple, Tensor] = OrderedDict()
+_MAX_BASES = 8
 
 
 class NullSpaceRECE(RECE):
