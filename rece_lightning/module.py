@@ -473,12 +473,7 @@ class RECEModule(pl.LightningModule):
             null_space=null_space,
             workspace=workspace,
         )
-        if not (all_finite(edited.transform) and all_finite(edited.hessian)):
-            raise FloatingPointError(
-                f"{self.method.name} edit {int(self.edits_applied)} gives a non-finite transform; lower erase_scale or "
-                "raise lamb. "
-                "The run stops and nothing is exported."
-            )
+        self._check_finite(edited, advice="; lower erase_scale or raise lamb")
         difference = torch.sub(edited.transform, self.transform, out=workspace.scratch)
         change = torch.linalg.matrix_norm(difference) / torch.linalg.matrix_norm(self.transform)
         if float(change) < NEGLIGIBLE_EDIT:
@@ -487,6 +482,19 @@ class RECEModule(pl.LightningModule):
                 f"(relative): numerically nothing: the erase term (erase_scale={erase_scale!r}) is outweighed by "
                 f"lamb={lamb!r} and the preserve term; the reference uses erase_scale=1, lamb=0.1"
             )
+        self._commit(edited)
+
+    def _check_finite(self, edited: closed_form.SharedState, advice: str = "") -> None:
+        """Refuse an edit whose state is non-finite, before anything is written."""
+        if not (all_finite(edited.transform) and all_finite(edited.hessian)):
+            raise FloatingPointError(
+                f"{self.method.name} edit {int(self.edits_applied)} gives a non-finite transform{advice}. "
+                "The run stops and nothing is exported."
+            )
+
+    def _commit(self, edited: closed_form.SharedState) -> None:
+        """Make ``edited`` the state: the weights (unless a caller defers the write, as :meth:`erase` does), the
+        transform and hessian, the edit count and the low-rank factors the next write may use."""
         if self._write_edits:
             self._write(edited.transform, previous=self.transform, factors=(edited.left, edited.right))
         self.transform.copy_(edited.transform)
@@ -503,17 +511,8 @@ class RECEModule(pl.LightningModule):
                 "factors"
             )
         edited = closed_form.compose_low_rank(closed_form.SharedState(self.transform, self.hessian), left, right)
-        if not (all_finite(edited.transform) and all_finite(edited.hessian)):
-            raise FloatingPointError(
-                f"{self.method.name} edit {int(self.edits_applied)} gives a non-finite transform. "
-                "The run stops and nothing is exported."
-            )
-        if self._write_edits:
-            self._write(edited.transform, previous=self.transform)
-        self.transform.copy_(edited.transform)
-        self.hessian.copy_(edited.hessian)
-        self.edits_applied += 1
-        self._factors = None
+        self._check_finite(edited)
+        self._commit(edited)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[BASE_IDENTITY_KEY] = self.base_identity  # load_erased refuses the transform on another base

@@ -9,7 +9,6 @@ update ``X - I`` vanishes on its span (``closed_form.null_space_basis``), and wh
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from rece_lightning.closed_form import null_space_basis
 from rece_lightning.data import ConceptSet
+from rece_lightning.export import kv_digest
 from rece_lightning.methods.base import Editor
 from rece_lightning.methods.rece import RECE
 from rece_lightning.validation import check_choice, check_number
@@ -78,11 +78,7 @@ class HardPreservation:
         """
         encoded = editor.encoded(self.prompts(editor, concepts))
         rows = [(e.embedding if self.rows == "all" else e.embedding[: e.length]).to(torch.float64) for e in encoded]
-        digest = hashlib.sha256()
-        for row in rows:
-            digest.update(str(tuple(row.shape)).encode())
-            digest.update(row.detach().to("cpu").contiguous().numpy().tobytes())
-        key = (digest.hexdigest(), self.energy, rows[0].device.type)
+        key = (kv_digest({f"{i:06d}": row for i, row in enumerate(rows)}), self.energy, rows[0].device.type)
         if key not in _BASES:
             _BASES[key] = null_space_basis(rows, energy=self.energy)
             while len(_BASES) > _MAX_BASES:
