@@ -414,3 +414,24 @@ def test_a_wider_toy_model_reads_a_wider_text_encoder_and_a_bad_width_is_refused
     with pytest.raises(SystemExit):
         training.main(["--output", "unused", "--text-width", "130"])
     assert "--text-width=130 is not allowed: it must be a multiple of 4" in capsys.readouterr().err
+
+
+def test_the_attack_floor_leaves_out_every_word_for_red_and_refuses_a_bad_export_before_loading(tmp_path, capsys):
+    import runpy
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "benchmarks" / "toy_attack_floor.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        floor = runpy.run_path(str(path))  # not as __main__: the module's functions only
+        assert floor["without_red_words"]("scarlet plums the colour of blood a red tomatoes circle") == (
+            "plums the colour of a circle"
+        )
+        for bad, message in (("rece", "give name=folder"), (f"rece={tmp_path / 'missing'}", "does not exist")):
+            with pytest.raises(SystemExit) as stopped:
+                floor["main"](["--exports", bad, "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
+            assert stopped.value.code == 2 and message in capsys.readouterr().err
+        assert not list(tmp_path.glob("o*")) and not (tmp_path / "w").exists()  # refused before anything is written
+    finally:
+        sys.path.remove(str(path.parent))
