@@ -1,7 +1,7 @@
 """How much of UnlearnDiff's success on the toy world needs the erased word at all.
 
-    python benchmarks/toy_attack_floor.py --exports rece=<export> rece_p=<export> --out docs/toy_attack_floor
-    # about a minute per export on 2 CPU cores (30 prompts, 20 steps)
+    python benchmarks/toy_attack_floor.py --threads 2 --exports rece=<export> rece_p=<export> --out docs/floor
+    # about 80 s per export on 2 CPU cores (30 prompts, 20 steps)
 
 For each export: UnlearnDiff with ``toy_redteam.py``'s settings (3 prefix tokens, ``--unlearndiff-steps``, a check
 every 5 steps) on the first ``--prompts`` red prompts of ``configs/prompts/toyworld.csv``, against the erased model.
