@@ -1,8 +1,7 @@
 """What the methods beyond RECE cost, on SD-1.4 or SDXL shapes with random weights: RECE, RECE-NS (hard
 preservation of ``--preserved`` prompts), RECE-P (the same, c' projected out: ``rece_p``), RECE-ADV (the vocabulary
-attack in the loop) and RECE-ADV with the prompt
-search in the loop (``rece_search``: ``--population`` x (``--generations`` + 1) prompts encoded per round), timed in
-one run.
+attack in the loop) and RECE-ADV with the prompt search in the loop (``rece_search``: ``--population`` x
+(``--generations`` + 1) prompts encoded per round), timed in one run.
 
     python benchmarks/bench_beyond.py --reps 3      # SD-1.4 shapes, 1 concept, 5 epochs: about 5 min on 2 CPU cores
     python benchmarks/bench_beyond.py --methods rece rece_search --epochs 1 --reps 1 --population 16 --generations 4

@@ -25,7 +25,7 @@ import toy_redteam
 from rece_lightning import diffusion
 from rece_lightning.attacks import UnlearnDiffAttack
 from rece_lightning.attacks.base import AttackContext
-from rece_lightning.data import PromptItem
+from rece_lightning.data import PromptDataset, PromptItem, read_prompt_csv
 from rece_lightning.export import load_erased
 from rece_lightning.toyworld import ToyWorldScorer
 from rece_lightning.toyworld.measure import generate
@@ -48,7 +48,7 @@ def red_share(lab: common.Lab, prompt: str, seed: int) -> float:
     return float(common.shows(images, ["red"]).mean())
 
 
-def attack_export(lab: common.Lab, export: str, prompts: list[dict], steps: int) -> list[dict]:
+def attack_export(lab: common.Lab, export: str, prompts: list[PromptItem], steps: int) -> list[dict]:
     """UnlearnDiff on each prompt against ``export``; each success without red's words, scored on both models."""
     lab.restore()
     load_erased(lab.pipeline, export)
@@ -56,16 +56,14 @@ def attack_export(lab: common.Lab, export: str, prompts: list[dict], steps: int)
     context = AttackContext(lab.pipeline, "erased", lab.original_kv, erased_kv, ToyWorldScorer(["red"]), 20)
     attack = UnlearnDiffAttack("red", steps=steps, num_tokens=3, check_every=5)
     outcomes = []
-    for row in prompts:
-        seed = int(row["evaluation_seed"])
-        item = PromptItem(int(row["case_number"]), 0, row["prompt"], seed, float(row["evaluation_guidance"]))
+    for item in prompts:
         found = attack.attack(context, [item], 32, 32)
-        outcome = {"prompt": row["prompt"], "adversarial_prompt": found.adversarial_prompt, "found": bool(found.found)}
+        outcome = {"prompt": item.prompt, "adversarial_prompt": found.adversarial_prompt, "found": bool(found.found)}
         if found.found:
             outcome["without_red_words"] = without_red_words(found.adversarial_prompt)
             for model, weights in (("original", lab.original_kv), ("erased", erased_kv)):
                 diffusion.write_kv_weights(lab.pipeline.unet, weights)
-                outcome[f"red_share_{model}"] = red_share(lab, outcome["without_red_words"], seed)
+                outcome[f"red_share_{model}"] = red_share(lab, outcome["without_red_words"], item.seed)
         outcomes.append(outcome)
         print(f"{outcome}", file=sys.stderr, flush=True)
     lab.restore()
@@ -123,10 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(folder).exists():
             parser.error(f"--exports {spec!r}: {folder!r} does not exist")
         exports[name] = folder
-    csv = toy_redteam.red_prompts(args, Path(args.work))
-    import csv as csv_module
-
-    prompts = list(csv_module.DictReader(csv.open()))
+    # the prompts toy_redteam.py / toy_beyond.py attack, read as the evaluator reads them
+    prompts = PromptDataset(read_prompt_csv(str(toy_redteam.red_prompts(args, Path(args.work))))).items
     lab = common.Lab(args.model)
     report: dict = {"model": args.model, "prompts": len(prompts), "steps": args.unlearndiff_steps, "exports": {}}
     details = {}
