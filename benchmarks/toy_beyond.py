@@ -30,11 +30,11 @@ from rece_lightning.toyworld.measure import combination_prompts, implicit_prompt
 ORDER = ("red", "blue", "green", "yellow", "purple", "cyan", "orange", "pink")  # the first k are erased
 
 
-def preserved(args, erased: list[str]) -> list[str]:
+def preserved(preserve: str, erased: list[str]) -> list[str]:
     """The prompts hard preservation keeps: the other colours as "a <colour> circle" / "a <colour> square"
     (``--preserve circle-square``), or on every shape and as the bare colour word (``shapes-and-words``)."""
     others = [c for c in COLOURS if c not in erased]
-    if args.preserve == "circle-square":
+    if preserve == "circle-square":
         return [f"a {c} {shape}" for c in others for shape in ("circle", "square")]
     return [f"a {c} {shape}" for c in others for shape in SHAPES] + others
 
@@ -72,7 +72,7 @@ def check_recipe_options(parser, args) -> None:
 
 def recipes(args, erased: list[str]) -> dict[str, tuple]:
     """(method class, its options, preserved concepts) of each method beyond UCE."""
-    kept = preserved(args, erased)
+    kept = preserved(args.preserve, erased)
     hard = HardPreservation(energy=args.energy, rows=args.rows)
     hard_options = {"hard_preservation": hard, **({"reg": args.ns_reg} if args.ns_reg is not None else {})}
     if args.ns_erase_scale is not None:

@@ -22,7 +22,7 @@ import sys
 
 import torch
 import toy_common as common
-from toy_beyond import ORDER
+from toy_beyond import ORDER, preserved
 
 from rece_lightning.closed_form import null_space_basis
 from rece_lightning.toyworld import COLOURS, SHAPES
@@ -68,17 +68,13 @@ def main(argv=None) -> None:
     lab = common.Lab(args.model)
     module = lab.module(erased)
     gram = module.gram.to(torch.float64)
-
-    def encodings(prompts: list[str]) -> list:
-        return module.encoded(prompts)
-
-    kept_prompts = [f"a {c} {shape}" for c in kept for shape in SHAPES] + kept
-    kept_encoded = encodings(kept_prompts)
+    kept_encoded = module.encoded(preserved("shapes-and-words", erased))
     token_rows = torch.cat([e.embedding[: e.length].to(torch.float64) for e in kept_encoded])
     all_rows = torch.cat([e.embedding.to(torch.float64) for e in kept_encoded])
 
     def stacked(colour: str) -> torch.Tensor:
-        return torch.cat([e.embedding.to(torch.float64) for e in encodings([t.format(c=colour) for t in templates()])])
+        encoded = module.encoded([t.format(c=colour) for t in templates()])
+        return torch.cat([e.embedding.to(torch.float64) for e in encoded])
 
     kept_mean = torch.stack([stacked(c) for c in kept]).mean(0)
     signals = {c: stacked(c) - kept_mean for c in erased}
