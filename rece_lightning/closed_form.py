@@ -231,7 +231,8 @@ def concept_projection(
     if total <= 0:
         empty = torch.zeros(dim, 0, dtype=_SOLVE_DTYPE, device=hessian.device)
         return empty, empty.clone()
-    kept = int(torch.searchsorted(values.cumsum(0) / total, torch.tensor(share, dtype=_SOLVE_DTYPE))) + 1
+    threshold = torch.tensor(share, dtype=_SOLVE_DTYPE, device=values.device)  # on the values' device (a GPU's)
+    kept = int(torch.searchsorted(values.cumsum(0) / total, threshold)) + 1
     kept = min(kept, values.shape[0])
     directions = free @ torch.linalg.solve_triangular(metric_factor.T, vectors[:, :kept], upper=True)
     directions, _ = torch.linalg.qr(directions)
