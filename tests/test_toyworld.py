@@ -435,3 +435,42 @@ def test_the_attack_floor_leaves_out_every_word_for_red_and_refuses_a_bad_export
         assert not list(tmp_path.glob("o*")) and not (tmp_path / "w").exists()  # refused before anything is written
     finally:
         sys.path.remove(str(path.parent))
+
+
+def test_context_augmented_preservation_keeps_colour_words_out_of_its_contexts_and_refuses_a_bad_energy(
+    tmp_path, capsys
+):
+    import runpy
+    import sys
+
+    from rece_lightning.toyworld.world import COLOUR_THINGS, COLOUR_WORDS
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "benchmarks" / "toy_context_preservation.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        screen = runpy.run_path(str(path))  # not as __main__: the module's functions only
+        vocabulary = ["red", "crimson", "blood", "sky", "orange", "carrots", "three", "photo", "nudity", "<|unk|>"]
+        assert screen["context_words"](vocabulary, ["red"], "colour-free") == ["photo", "three"]
+        assert screen["context_words"](vocabulary, ["red"], "vocabulary") == [
+            "blood", "carrots", "orange", "photo", "sky", "three"
+        ]  # fmt: skip
+        erased = ["red", "blue", "green", "yellow"]
+        words = screen["context_words"](vocabulary + ["in", "of", "painting", "middle"], erased, "colour-free")
+        prompts = screen["kept_prompts"](erased, 10, words)
+        assert prompts == screen["kept_prompts"](erased, 10, words)  # seeded: the same set every run
+        named = {w for c in COLOUR_WORDS for w, _ in COLOUR_WORDS[c]} | {
+            t.split()[-1] for c in COLOUR_THINGS for t, _ in COLOUR_THINGS[c]
+        }
+        base = screen["toy_beyond"].preserved("shapes-and-words", erased)
+        contexts = prompts[len(base) :]
+        assert prompts[: len(base)] == base and len(contexts) == 4 * 10
+        for prompt in contexts:  # one kept colour, the rest words that name no colour
+            colours = [w for w in prompt.split() if w in named]
+            assert len(colours) == 1 and colours[0] not in erased and len(prompt.split()) >= 2, prompt
+        with pytest.raises(SystemExit) as stopped:
+            screen["main"](["--energy", "1.5", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
+        assert stopped.value.code == 2 and "--energy=1.5 is not allowed" in capsys.readouterr().err
+        assert not list(tmp_path.glob("o*")) and not (tmp_path / "w").exists()  # refused before anything is written
+    finally:
+        sys.path.remove(str(path.parent))
