@@ -36,7 +36,7 @@ import toy_redteam
 from rece_lightning import closed_form
 from rece_lightning.data import PromptDataset, read_prompt_csv
 from rece_lightning.methods import HardPreservation, NullSpaceRECE, ProjectionRECE
-from rece_lightning.methods.uce import select_tokens
+from rece_lightning.methods.uce import uce_pairs
 from rece_lightning.toyworld import COLOURS
 from rece_lightning.toyworld.measure import combination_prompts, generate
 from rece_lightning.toyworld.world import COLOUR_THINGS, COLOUR_WORDS
@@ -93,15 +93,7 @@ class InfluenceWeighted(HardPreservation):
     |G^½ r|²`` over the largest, so the protected directions follow the rows the erasure would hurt."""
 
     def basis(self, editor, concepts):
-        sources, targets = [], []
-        for concept, guide in zip(
-            editor.encoded(list(concepts.erase)), editor.encoded(list(concepts.guides)), strict=True
-        ):
-            source, target = select_tokens(
-                concept.embedding, concept.length, guide.embedding, guide.length, "last_word_onward"
-            )
-            sources.append(source)
-            targets.append(target)
+        sources, targets = uce_pairs(editor, concepts, "last_word_onward")
         guides = editor.preserved(concepts, with_guides=True, with_preserve=False)
         moved = closed_form.replace_transform(sources, targets, guides) - torch.eye(editor.gram.shape[0]).double()
         gram = editor.gram.double()
@@ -111,7 +103,7 @@ class InfluenceWeighted(HardPreservation):
         return closed_form.null_space_basis([rows * (weight / weight.max()).sqrt()[:, None]], energy=self.energy)
 
 
-def erase(lab: common.Lab, args, variant: Variant, erased: list[str], fixed: bool = False) -> dict[str, common.State]:
+def erase(lab: common.Lab, args, variant: Variant, erased: list[str]) -> dict[str, common.State]:
     words = context_words(list(lab.pipeline.tokenizer.get_vocab()), erased, variant.vocabulary)
     options = {"energy": args.energy if variant.energy is None else variant.energy, "rows": "tokens"}
     hard = InfluenceWeighted(**options) if variant.influence else HardPreservation(**options)
@@ -120,7 +112,6 @@ def erase(lab: common.Lab, args, variant: Variant, erased: list[str], fixed: boo
         " ",
         max_epochs=args.max_epochs,
         probes=args.probes,
-        fixed_epochs=fixed,
         method=METHODS[variant.method],
         preserve_concepts=kept_prompts(erased, variant.contexts, words),
         hard_preservation=hard,

@@ -59,6 +59,16 @@ def edit_weights(method: UCE | ErasureMethod) -> dict[str, float]:
     return {"lamb": method.lamb, "erase_scale": method.erase_scale, "preserve_scale": method.preserve_scale}
 
 
+def uce_pairs(editor: Editor, concepts: ConceptSet, tokens: TokenMode) -> tuple[list[Tensor], list[Tensor]]:
+    """The UCE edit's erase pairs: each concept's embedding rows and its guide's, aligned by ``tokens``."""
+    sources, targets = [], []
+    for concept, guide in zip(editor.encoded(list(concepts.erase)), editor.encoded(list(concepts.guides)), strict=True):
+        source, target = select_tokens(concept.embedding, concept.length, guide.embedding, guide.length, tokens)
+        sources.append(source)
+        targets.append(target)
+    return sources, targets
+
+
 def uce_edit(
     editor: Editor,
     concepts: ConceptSet,
@@ -73,11 +83,7 @@ def uce_edit(
     """Eq. 3 on the concepts' own embeddings, each aligned with its guide's by ``tokens`` (``null_space``: the
     update confined to those directions)."""
     editor.encoded(concepts.prompts)  # every prompt of the edit in one batch of the text encoder, not one per role
-    sources, targets = [], []
-    for concept, guide in zip(editor.encoded(list(concepts.erase)), editor.encoded(list(concepts.guides)), strict=True):
-        source, target = select_tokens(concept.embedding, concept.length, guide.embedding, guide.length, tokens)
-        sources.append(source)
-        targets.append(target)
+    sources, targets = uce_pairs(editor, concepts, tokens)
     preserved = editor.preserved(concepts, with_guides=preserve_guides, with_preserve=softly_preserved)
     editor.edit(
         sources,
